@@ -1,0 +1,27 @@
+"""tensorpoly-jax: multi-task latent-expert adapters (TensorPoly) for T5 in JAX/Flax."""
+from setuptools import find_packages, setup
+
+# Lower bounds are the versions this project was built and tested with.
+CORE = [
+    "jax>=0.10.2",
+    "flax>=0.12.8",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8",
+    "gin-config>=0.5.0",
+    "numpy>=2.0",
+    "tqdm>=4.66",
+]
+CONVERT = ["transformers>=5.23", "safetensors>=0.8.0", "torch>=2.13"]
+TESTS = ["pytest>=9.0", "pytest-xdist>=3.8", "hypothesis>=6.150", "peft>=0.21.2", *CONVERT]
+
+setup(
+    name="tensorpoly-jax",
+    version="0.1.0",
+    description="LoRA, TLoRA, Poly, MHR and TensorPoly-I/II adapters for T5 in JAX/Flax (T5X-style)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["tensorpoly_jax", "tensorpoly_jax.*"]),
+    install_requires=CORE,
+    extras_require={"convert": CONVERT, "tests": TESTS},
+)

@@ -1,0 +1,256 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import traverse_util
+from flax.core import unfreeze
+
+from tensorpoly_jax import methods
+from tensorpoly_jax.methods import AdapterConfig
+from tensorpoly_jax.routing import Router
+from tensorpoly_jax.t5.layers import DenseGeneral
+from tests import numpy_reference as ref
+
+D_IN, D_OUT, TOKENS, TASKS = 12, 20, 5, 4
+
+
+def init_layer(config, batch=3, seed=0, randomize=True):
+  layer = DenseGeneral(D_OUT, kernel_axes=("embed", "mlp"), adapter=config)
+  x = jax.random.normal(jax.random.PRNGKey(seed), (batch, TOKENS, D_IN))
+  task_ids = jnp.arange(batch) % config.n_tasks
+  params = unfreeze(layer.init(jax.random.PRNGKey(seed + 1), x, task_ids)["params"])
+  if randomize:  # non-zero B and distinct routing rows, so every part of the adapter matters
+    flat = traverse_util.flatten_dict(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 2), len(flat))
+    flat = {k: (v if k[-1] == "kernel" else 0.5 * jax.random.normal(key, v.shape))
+            for key, (k, v) in zip(keys, flat.items())}
+    params = traverse_util.unflatten_dict(flat)
+  return layer, params, x, task_ids
+
+
+def np_params(params):
+  return jax.tree_util.tree_map(lambda v: np.asarray(v, np.float64), params)
+
+
+# ---------------------------------------------------------------- PEFT parity (PyTorch, CPU)
+
+
+def peft_output(peft_layer, x, task_ids=None):
+  with torch.no_grad():
+    kwargs = {} if task_ids is None else {"task_ids": torch.tensor(np.asarray(task_ids))}
+    return peft_layer(torch.tensor(np.asarray(x)), **kwargs).numpy()
+
+
+def torch_base(params):
+  base = torch.nn.Linear(D_IN, D_OUT, bias=False)
+  base.weight.data = torch.tensor(np.asarray(params["kernel"]).T.copy())
+  return base
+
+
+def test_lora_matches_peft():
+  from peft import LoraConfig
+  from peft.tuners.lora import layer as lora_layer
+
+  config = AdapterConfig("lora", lora_rank=4, targets=".*")
+  layer, params, x, _ = init_layer(config)
+  peft_layer = lora_layer.Linear(torch_base(params), "default", LoraConfig(r=4, lora_alpha=1),
+                                 r=4, lora_alpha=1)  # PEFT scales by alpha / r: alpha=1 is SPEC's 1/r
+  peft_layer.lora_A["default"].weight.data = torch.tensor(np.asarray(params["adapter"]["lora_a"]).T.copy())
+  peft_layer.lora_B["default"].weight.data = torch.tensor(np.asarray(params["adapter"]["lora_b"]).T.copy())
+  peft_layer.eval()
+  np.testing.assert_allclose(layer.apply({"params": params}, x), peft_output(peft_layer, x),
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,splits", [("poly", 1), ("mhr", 2), ("mhr", 4)])
+def test_poly_and_mhr_match_peft_poly(method, splits):
+  from peft import PolyConfig
+  from peft.tuners.poly import layer as poly_layer
+
+  config = AdapterConfig(method, lora_rank=3, n_tasks=TASKS, n_skills=5, n_splits=splits,
+                         targets=".*")
+  layer, params, x, task_ids = init_layer(config, batch=6)
+  adapter = params["adapter"]
+  peft_layer = poly_layer.Linear(torch_base(params), "default", PolyConfig(
+      r=3, n_tasks=TASKS, n_skills=5, n_splits=splits))
+  peft_layer.poly_lora_A["default"].data = torch.tensor(np.asarray(adapter["lora_a"]))
+  peft_layer.poly_lora_B["default"].data = torch.tensor(np.asarray(adapter["lora_b"]))
+  peft_layer.poly_router["default"].module_logits.data = torch.as_tensor(
+      np.asarray(adapter["router"]["skill_logits"]).reshape(TASKS, splits * 5))
+  peft_layer.eval()  # PEFT samples a relaxed Bernoulli in training; eval is sigmoid, as the reference
+  np.testing.assert_allclose(layer.apply({"params": params}, x, task_ids),
+                             peft_output(peft_layer, x, task_ids), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- tensor adapters vs NumPy loops
+
+
+def reference_tensor_output(config, params, x, task_ids):
+  p = np_params(params)
+  adapter, kernel = p["adapter"], p["kernel"]
+  x = np.asarray(x, np.float64)
+  outputs = []
+  for b, task in enumerate(np.asarray(task_ids)):
+    if config.method == "tlora":
+      a = ref.build_vectors(adapter["a"]["leaves"], D_IN, config.pair_norm).mean(0).T
+      bb = ref.build_vectors(adapter["b"]["leaves"], D_OUT, config.pair_norm).mean(0)
+    elif config.method == "tensorpoly_i":
+      w = ref.routing_weights(adapter["router"]["skill_logits"], [task])[0, 0]
+      a_vec = ref.build_vectors(adapter["a"]["leaves"], D_IN, config.pair_norm)
+      b_vec = ref.build_vectors(adapter["b"]["leaves"], D_OUT, config.pair_norm)
+      a = sum(w[s] * a_vec[s] for s in range(len(w))).T
+      bb = sum(w[s] * b_vec[s] for s in range(len(w)))
+    else:
+      w = ref.routing_weights(adapter["router"]["skill_logits"], [task])[0]  # [N, S]
+
+      def routed(side, dim):
+        leaves = adapter[side]["leaves"]
+        g = np.stack([sum(w[n, s] * leaves[n, s] for s in range(w.shape[1])) * w[n].sum()
+                      for n in range(leaves.shape[0])])
+        norm = adapter[side] if config.pair_norm == "layernorm" else {}
+        return ref.build_vectors(g[:, None], dim, config.pair_norm,
+                                 norm.get("norm_scale"), norm.get("norm_bias"))[0]
+
+      a, bb = routed("a", D_IN).T, routed("b", D_OUT)
+    outputs.append(x[b] @ kernel + ref.adapter_delta(x[b], a, bb))
+  return np.stack(outputs)
+
+
+@pytest.mark.parametrize("method", ["tlora", "tensorpoly_i", "tensorpoly_ii"])
+@pytest.mark.parametrize("order,pair_norm", [(1, "none"), (2, "layernorm"), (3, "none"),
+                                             (4, "layernorm"), (2, "none")])
+def test_tensor_adapters_match_numpy_loops(method, order, pair_norm):
+  config = AdapterConfig(method, lora_rank=2, n_tasks=TASKS, n_skills=3, order=order,
+                         pair_norm=pair_norm, targets=".*")
+  layer, params, x, task_ids = init_layer(config, batch=4)
+  np.testing.assert_allclose(layer.apply({"params": params}, x, task_ids),
+                             reference_tensor_output(config, params, x, task_ids),
+                             rtol=2e-4, atol=2e-4)
+
+
+# ---------------------------------------------------------------- behaviour shared by all methods
+
+ALL = [AdapterConfig("lora", lora_rank=2, targets=".*"),
+       AdapterConfig("tlora", lora_rank=2, n_skills=2, targets=".*"),
+       AdapterConfig("poly", lora_rank=2, n_tasks=TASKS, targets=".*"),
+       AdapterConfig("mhr", lora_rank=2, n_tasks=TASKS, n_splits=4, targets=".*"),
+       AdapterConfig("tensorpoly_i", lora_rank=2, n_tasks=TASKS, targets=".*"),
+       AdapterConfig("tensorpoly_ii", lora_rank=2, n_tasks=TASKS, order=4, targets=".*")]
+
+
+@pytest.mark.parametrize("config", ALL, ids=lambda c: c.method)
+def test_mixed_task_batch_equals_each_example_alone(config):
+  layer, params, x, _ = init_layer(config, batch=6)
+  task_ids = jnp.array([3, 0, 3, 1, 2, 0]) % config.n_tasks
+  batched = layer.apply({"params": params}, x, task_ids)
+  for b in range(6):
+    alone = layer.apply({"params": params}, x[b:b + 1], task_ids[b:b + 1])
+    np.testing.assert_allclose(batched[b:b + 1], alone, rtol=1e-5, atol=1e-6)
+  if config.routed:  # the tasks really are routed differently
+    assert not np.allclose(batched[0], layer.apply({"params": params}, x[:1], task_ids[1:2])[0])
+
+
+@pytest.mark.parametrize("config", [c for c in ALL if c.method in ("lora", "poly", "mhr")],
+                         ids=lambda c: c.method)
+def test_zero_initialized_b_leaves_layer_unchanged(config):
+  layer, params, x, task_ids = init_layer(config, randomize=False)
+  frozen = DenseGeneral(D_OUT, kernel_axes=("embed", "mlp"))
+  np.testing.assert_array_equal(
+      layer.apply({"params": params}, x, task_ids),
+      frozen.apply({"params": {"kernel": params["kernel"]}}, x))
+  assert np.abs(np.asarray(params["adapter"]["lora_a"])).max() > 0
+
+
+@pytest.mark.parametrize("config", ALL, ids=lambda c: c.method)
+def test_param_count_formula_matches_initialized_params(config):
+  _, params, _, _ = init_layer(config, randomize=False)
+  adapter = params["adapter"]
+  actual = sum(v.size for v in jax.tree_util.tree_leaves(adapter))
+  router = sum(v.size for v in jax.tree_util.tree_leaves(adapter.get("router", {})))
+  counts = config.param_count(D_IN, D_OUT)
+  assert counts["total"] == actual
+  assert counts["router"] == router
+
+
+def t0_3b_layers():
+  """(d_in, d_out) of the 432 layers the reference adapts in T0-3B (d_model 2048, d_ff 5120)."""
+  attn, wi, wo = (2048, 2048), (2048, 5120), (5120, 2048)
+  encoder = [attn] * 4 + [wi, wi, wo]
+  decoder = [attn] * 8 + [wi, wi, wo]
+  return encoder * 24 + decoder * 24
+
+
+def test_paper_parameter_counts_on_t0_3b():
+  layers = t0_3b_layers()
+  assert len(layers) == 432
+  lora = AdapterConfig("lora", lora_rank=1)
+  tlora = AdapterConfig("tlora", lora_rank=16, n_skills=1, order=2)
+  assert sum(lora.param_count(*shape)["total"] for shape in layers) == 2_211_840
+  assert sum(tlora.param_count(*shape)["total"] for shape in layers) == 1_391_616
+
+
+def test_tensorpoly_ii_layernorms_are_trainable_params_per_pair_position():
+  config = AdapterConfig("tensorpoly_ii", lora_rank=2, n_tasks=2, order=4, targets=".*")
+  _, params, _, _ = init_layer(config, randomize=False)
+  assert params["adapter"]["a"]["norm_scale"].shape == (2, 2, 2 * 2)
+  tpi = AdapterConfig("tensorpoly_i", lora_rank=2, n_tasks=2, order=4, targets=".*")
+  _, params, _, _ = init_layer(tpi, randomize=False)
+  assert "norm_scale" not in params["adapter"]["a"]  # frozen at identity in TensorPoly-I
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(method="tensorpoly_i", order=0), "order must be an integer >= 1, got 0"),
+    (dict(method="tensorpoly_i", n_skills=0), "n_skills must be an integer >= 1, got 0"),
+    (dict(method="mhr", n_splits=0), "n_splits must be an integer >= 1, got 0"),
+    (dict(method="lora", lora_rank=0), "lora_rank must be an integer >= 1, got 0"),
+    (dict(method="tensorpoly_ii", order=3), "even order N, got N=3"),
+    (dict(method="tpoly"), "adapter method 'tpoly' is unknown"),
+    (dict(method="mhr", n_splits=1), "mhr needs n_splits >= 2"),
+])
+def test_bad_config_names_value_and_range(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    AdapterConfig(**kwargs)
+
+
+def test_order_three_without_norm_is_fine():
+  AdapterConfig("tensorpoly_ii", order=3, pair_norm="none")
+
+
+def test_d_in_not_divisible_by_heads():
+  config = AdapterConfig("mhr", n_splits=5, n_tasks=2, targets=".*")
+  with pytest.raises(ValueError, match="d_in=12 is not divisible by n_splits=5"):
+    init_layer(config)
+
+
+def test_task_ids_outside_router_rejected_where_batch_enters():
+  router = Router(n_tasks=3, n_heads=1, n_skills=2)
+  variables = router.init(jax.random.PRNGKey(0), jnp.array([0]))
+  with pytest.raises(ValueError, match=r"task ids \[3\] are outside \[0, 3\)"):
+    router.apply(variables, jnp.array([0, 3]))
+  with pytest.raises(ValueError, match=r"task ids \[-1\] are outside"):
+    router.apply(variables, np.array([-1]))
+  # Inside jit the check cannot see values: the bad row becomes NaN instead of a clamped row.
+  weights = jax.jit(router.apply)(variables, jnp.array([0, 3]))
+  assert np.isfinite(weights[0]).all() and np.isnan(weights[1]).all()
+
+
+def test_relaxed_bernoulli_samples_in_training_and_is_sigmoid_in_eval():
+  router = Router(n_tasks=2, n_heads=2, n_skills=4, relaxed_bernoulli=True)
+  variables = router.init(jax.random.PRNGKey(0), jnp.array([0]))
+  eval_w = router.apply(variables, jnp.array([1, 1]))
+  logits = np.asarray(variables["params"]["skill_logits"])
+  np.testing.assert_allclose(eval_w, ref.routing_weights(logits, [1, 1]), rtol=1e-6)
+  train_w = router.apply(variables, jnp.array([1, 1]), deterministic=False,
+                         rngs={"routing": jax.random.PRNGKey(1)})
+  np.testing.assert_allclose(np.asarray(train_w).sum(-1), 1.0, rtol=1e-5)
+  assert not np.allclose(train_w[0], train_w[1])  # independent samples per example
+
+
+def test_adapter_targets_select_layers_by_path():
+  config = AdapterConfig("lora", targets=r".*/query$")
+  assert config.matches("encoder/layers_0/attention/query")
+  assert not config.matches("encoder/layers_0/mlp/wi_0")

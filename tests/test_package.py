@@ -1,0 +1,43 @@
+"""The README's example runs, and the layers other T5X projects import stay free of the toolchain."""
+import ast
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+LAYER_MODULES = ["entangle.py", "routing.py", "adapters.py", "methods.py", "partitioning.py",
+                 "t5/layers.py"]
+ALLOWED_ROOTS = {"jax", "flax", "numpy", "math", "numbers", "dataclasses", "re", "typing",
+                 "__future__", "tensorpoly_jax"}
+
+
+def test_readme_python_example_runs():
+  readme = (ROOT / "README.md").read_text()
+  block = re.search(r"## Adapting a Dense layer with TensorPoly-I\n\n```python\n(.*?)```", readme,
+                    re.S).group(1)
+  out = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, cwd=ROOT,
+                       check=True).stdout
+  assert "'router': 24" in out and "(6, 10, 64)" in out
+
+
+def test_example_script_trains_adapter():
+  out = subprocess.run([sys.executable, str(ROOT / "examples" / "tensorpoly_dense.py")],
+                       capture_output=True, text=True, check=True).stdout
+  before, after = map(float, re.search(r"loss (\S+) -> (\S+);", out).groups())
+  assert after < 0.1 * before
+
+
+def test_layer_modules_import_only_jax_and_flax():
+  for name in LAYER_MODULES:
+    tree = ast.parse((ROOT / "tensorpoly_jax" / name).read_text())
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Import):
+        roots = {alias.name.split(".")[0] for alias in node.names}
+      elif isinstance(node, ast.ImportFrom):
+        roots = {(node.module or "").split(".")[0]}
+      else:
+        continue
+      assert roots <= ALLOWED_ROOTS, f"{name} imports {roots - ALLOWED_ROOTS}"
+      if "tensorpoly_jax" in roots and isinstance(node, ast.ImportFrom):
+        assert not re.match(r"tensorpoly_jax\.(data|trainer|evaluation|cli)", node.module), name
