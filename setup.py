@@ -24,4 +24,5 @@ setup(
     packages=find_packages(include=["tensorpoly_jax", "tensorpoly_jax.*"]),
     install_requires=CORE,
     extras_require={"convert": CONVERT, "tests": TESTS},
+    entry_points={"console_scripts": ["tensorpoly=tensorpoly_jax.cli:main"]},
 )

@@ -21,7 +21,7 @@ METHODS = {
 ROUTED = ("poly", "mhr", "tensorpoly_i", "tensorpoly_ii")
 TENSOR = ("tlora", "tensorpoly_i", "tensorpoly_ii")
 # The reference adapts self-/cross-attention q, k, v, o and the FFN (T5X layer names).
-DEFAULT_TARGETS = r".*(attention|SelfAttention|EncDecAttention|mlp)/(query|key|value|out|wi_0|wi_1|wi|wo)$"
+DEFAULT_TARGETS = r".*(attention|mlp)/(query|key|value|out|wi_0|wi_1|wi|wo)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +31,7 @@ class AdapterConfig:
   ``n_skills`` is the skill inventory S, which is the tensor rank R for the tensor methods;
   ``n_splits`` is MHR's routing heads H; ``order`` is the tensor order N.
   ``train_pair_norm=None`` takes the reference's choice: trainable for TensorPoly-II only.
+  ``shared_router`` routes every layer with one router (the reference has one per layer).
   """
 
   method: str = "lora"
@@ -42,6 +43,7 @@ class AdapterConfig:
   pair_norm: str = "layernorm"
   train_pair_norm: bool | None = None
   relaxed_bernoulli: bool = False
+  shared_router: bool = False
   targets: str = DEFAULT_TARGETS
 
   def __post_init__(self):
@@ -63,6 +65,10 @@ class AdapterConfig:
   @property
   def routed(self) -> bool:
     return self.method in ROUTED
+
+  @property
+  def routing_heads(self) -> int:
+    return {"mhr": self.n_splits, "tensorpoly_ii": self.order}.get(self.method, 1)
 
   @property
   def pair_norm_trainable(self) -> bool:
@@ -88,10 +94,13 @@ class AdapterConfig:
                     train_pair_norm=self.pair_norm_trainable)
     return METHODS[self.method](**kwargs)
 
+  def router_param_count(self) -> int:
+    """One router's skill logits, ``T·H·S`` (per layer, or once when ``shared_router``)."""
+    return self.n_tasks * self.routing_heads * self.n_skills if self.routed else 0
+
   def param_count(self, d_in: int, d_out: int) -> dict[str, int]:
     """Trainable parameters of one adapted ``d_in -> d_out`` layer, by SPEC's formulas."""
     r, s, n = self.lora_rank, self.n_skills, self.order
-    heads = {"poly": 1, "mhr": self.n_splits, "tensorpoly_i": 1, "tensorpoly_ii": n}
     counts = {"adapter": 0, "router": 0, "pair_norm": 0}
     if self.method == "lora":
       counts["adapter"] = r * (d_in + d_out)
@@ -103,7 +112,7 @@ class AdapterConfig:
       if self.pair_norm == "layernorm" and self.pair_norm_trainable:
         positions = ent.num_pairs(n) if self.method == "tensorpoly_ii" else 1
         counts["pair_norm"] = 2 * r * (q_in**2 + q_out**2) * positions
-    if self.routed:
-      counts["router"] = self.n_tasks * heads[self.method] * s
+    if self.routed and not self.shared_router:
+      counts["router"] = self.router_param_count()
     counts["total"] = sum(counts.values())
     return counts

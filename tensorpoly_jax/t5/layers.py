@@ -1,12 +1,15 @@
-"""T5X-style layers: an adapter-aware DenseGeneral (frozen kernel + optional adapter delta)."""
+"""T5X-style T5 layers (names and logical axes as T5X's ``examples/t5/layers.py``) whose dense
+projections can carry an adapter: attention, MLP, RMS norm, embedding, relative position biases."""
 from __future__ import annotations
 
 import math
 from typing import Any, Iterable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from flax import struct
 from flax.linen import partitioning
 from jax import lax
 
@@ -58,3 +61,182 @@ class DenseGeneral(nn.Module):
     delta = self.adapter.build(math.prod(features), in_axis, out_axis, self.dtype, name="adapter")(
         flat_inputs, task_ids, routing_weights=routing_weights, deterministic=deterministic)
     return outputs + delta.reshape(outputs.shape)
+
+
+@struct.dataclass
+class Routing:
+  """What adapted layers route on: ``task_ids: int[B]`` and, with a router shared across layers,
+  its weights ``[B, H, S]`` (computed once per batch)."""
+
+  task_ids: jnp.ndarray | None = None
+  weights: jnp.ndarray | None = None
+
+
+def _dense(routing: Routing | None, deterministic: bool, **dense_kwargs):
+  """A DenseGeneral applied with the batch's routing."""
+  layer = DenseGeneral(**dense_kwargs)
+  routing = routing or Routing()
+  return lambda x: layer(x, routing.task_ids, routing_weights=routing.weights,
+                         deterministic=deterministic)
+
+
+class LayerNorm(nn.Module):
+  """T5's RMS norm (no mean, no bias), computed in float32."""
+
+  epsilon: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.asarray(x, jnp.float32)
+    scale = partitioning.param_with_axes("scale", nn.initializers.ones, (x.shape[-1],),
+                                         jnp.float32, axes=("embed",))
+    normed = x * lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
+    return jnp.asarray(normed * scale, self.dtype)
+
+
+class Embed(nn.Module):
+  """Token embedding ``[vocab, embed]``; ``attend`` gives logits against it (tied output layer)."""
+
+  num_embeddings: int
+  features: int
+  dtype: Any = jnp.float32
+  embedding_init: Any = nn.initializers.normal(stddev=1.0)
+
+  def setup(self):
+    self.embedding = partitioning.param_with_axes(
+        "embedding", self.embedding_init, (self.num_embeddings, self.features), jnp.float32,
+        axes=("vocab", "embed"))
+
+  def __call__(self, tokens):
+    return jnp.asarray(jnp.take(self.embedding, tokens, axis=0), self.dtype)
+
+  def attend(self, query):
+    return jnp.einsum("bld,vd->blv", query, jnp.asarray(self.embedding, query.dtype))
+
+
+def relative_position_buckets(query_len: int, key_len: int, bidirectional: bool,
+                              num_buckets: int, max_distance: int) -> np.ndarray:
+  """T5's log-spaced buckets of ``key - query`` offsets, ``int[q, k]`` (float32 as HF computes it)."""
+  relative = np.arange(key_len)[None, :] - np.arange(query_len)[:, None]
+  buckets = np.zeros_like(relative)
+  if bidirectional:
+    num_buckets //= 2
+    buckets += (relative > 0) * num_buckets
+    distance = np.abs(relative)
+  else:
+    distance = np.maximum(-relative, 0)
+  max_exact = num_buckets // 2
+  # distance 0 takes the exact branch; clamping keeps log finite there.
+  log_ratio = np.log(np.maximum(distance, 1).astype(np.float32) / np.float32(max_exact))
+  large = max_exact + (log_ratio / np.float32(math.log(max_distance / max_exact))
+                       * np.float32(num_buckets - max_exact)).astype(np.int64).clip(0)
+  large = np.minimum(large, num_buckets - 1)
+  return buckets + np.where(distance < max_exact, distance, large)
+
+
+class RelativePositionBiases(nn.Module):
+  """Per-head attention bias from bucketed relative positions, ``[1, heads, q, k]``."""
+
+  num_buckets: int
+  max_distance: int
+  num_heads: int
+  dtype: Any = jnp.float32
+  embedding_init: Any = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+
+  @nn.compact
+  def __call__(self, query_len: int, key_len: int, bidirectional: bool = True):
+    buckets = relative_position_buckets(query_len, key_len, bidirectional, self.num_buckets,
+                                        self.max_distance)
+    rel_embedding = partitioning.param_with_axes(
+        "rel_embedding", self.embedding_init, (self.num_heads, self.num_buckets), jnp.float32,
+        axes=("heads", "relpos_buckets"))
+    return jnp.asarray(rel_embedding[:, buckets][None], self.dtype)
+
+
+def make_attention_mask(query_valid, key_valid, dtype=jnp.float32):
+  """``[b, q]``, ``[b, k]`` -> ``[b, 1, q, k]`` (1 where both positions are real tokens)."""
+  return jnp.asarray(query_valid[:, None, :, None] & key_valid[:, None, None, :], dtype)
+
+
+def make_decoder_mask(decoder_target_tokens, dtype=jnp.float32):
+  """Causal mask combined with the target padding mask, ``[b, 1, t, t]``."""
+  length = decoder_target_tokens.shape[-1]
+  causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
+  valid = decoder_target_tokens > 0
+  return jnp.asarray(causal & valid[:, None, :, None] & valid[:, None, None, :], dtype)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """T5 attention: no 1/sqrt(d) on logits (folded into the query init), additive mask bias."""
+
+  num_heads: int
+  head_dim: int
+  dtype: Any = jnp.float32
+  dropout_rate: float = 0.0
+  kernel_init: Any = default_kernel_init
+  float32_logits: bool = True
+  adapter: AdapterConfig | None = None
+
+  @nn.compact
+  def __call__(self, inputs_q, inputs_kv, mask=None, bias=None, routing=None, *,
+               deterministic=True):
+    depth_scaling = math.sqrt(self.head_dim)
+    projection = dict(features=(self.num_heads, self.head_dim), kernel_axes=("embed", "joined_kv"),
+                      dtype=self.dtype, adapter=self.adapter)
+    query = _dense(routing, deterministic, name="query",
+                   kernel_init=lambda *a: self.kernel_init(*a) / depth_scaling, **projection)(inputs_q)
+    key = _dense(routing, deterministic, name="key", kernel_init=self.kernel_init,
+                 **projection)(inputs_kv)
+    value = _dense(routing, deterministic, name="value", kernel_init=self.kernel_init,
+                   **projection)(inputs_kv)
+    logits_dtype = jnp.float32 if self.float32_logits else self.dtype
+    logits = jnp.einsum("bqhd,bkhd->bhqk", jnp.asarray(query, logits_dtype),
+                        jnp.asarray(key, logits_dtype))
+    if mask is not None:
+      logits = logits + jnp.where(mask > 0, 0.0, -1e10).astype(logits_dtype)
+    if bias is not None:
+      logits = logits + jnp.asarray(bias, logits_dtype)
+    weights = jax.nn.softmax(logits).astype(self.dtype)
+    if self.dropout_rate > 0.0 and not deterministic:
+      keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout_rate, weights.shape)
+      weights = weights * keep / (1.0 - self.dropout_rate)
+    context = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+    return _dense(routing, deterministic, name="out", features=inputs_q.shape[-1], axis=(-2, -1),
+                  kernel_axes=("joined_kv", "embed"), kernel_init=self.kernel_init,
+                  dtype=self.dtype, adapter=self.adapter)(context)
+
+
+class MlpBlock(nn.Module):
+  """T5 FFN: ``wi`` (one activation, v1.0 ReLU) or gated ``wi_0``/``wi_1`` (v1.1 gated-GELU), then ``wo``."""
+
+  intermediate_dim: int
+  activations: tuple[str, ...] = ("relu",)
+  kernel_init: Any = default_kernel_init
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+  adapter: AdapterConfig | None = None
+
+  @nn.compact
+  def __call__(self, inputs, routing=None, *, deterministic=True):
+    hidden = 1.0
+    for index, activation in enumerate(self.activations):
+      name = "wi" if len(self.activations) == 1 else f"wi_{index}"
+      projected = _dense(routing, deterministic, features=self.intermediate_dim,
+                         kernel_axes=("embed", "mlp"), kernel_init=self.kernel_init,
+                         dtype=self.dtype, adapter=self.adapter, name=name)(inputs)
+      hidden = hidden * _activation(activation)(projected)
+    hidden = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(hidden, deterministic=deterministic)
+    return _dense(routing, deterministic, features=inputs.shape[-1], kernel_axes=("mlp", "embed"),
+                  kernel_init=self.kernel_init, dtype=self.dtype, adapter=self.adapter,
+                  name="wo")(hidden)
+
+
+def _activation(name: str):
+  if name == "linear":
+    return lambda x: x
+  if name in ("gelu", "gelu_new"):  # HF T5 v1.1's gelu_new is the tanh approximation
+    return lambda x: jax.nn.gelu(x, approximate=True)
+  if name == "relu":
+    return jax.nn.relu
+  raise ValueError(f"unknown activation {name!r}; use relu, gelu or linear.")

@@ -1,0 +1,217 @@
+"""Hugging Face T5 / T0 checkpoints -> Flax params in T5X layout, streamed tensor by tensor.
+
+Reads ``config.json`` and ``model.safetensors`` (or shards listed in
+``model.safetensors.index.json``). Pickled ``pytorch_model.bin`` files are read only with
+``allow_pickle=True``, and then with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from tensorpoly_jax.t5.model import EncoderDecoder, T5Config
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+# HF keeps these as aliases of shared.weight.
+TIED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+
+_ATTENTION = {"q": "query", "k": "key", "v": "value", "o": "out"}
+_ENCODER_SUBLAYERS = {0: ("SelfAttention", "attention", "pre_attention_layer_norm"),
+                      1: ("DenseReluDense", "mlp", "pre_mlp_layer_norm")}
+_DECODER_SUBLAYERS = {0: ("SelfAttention", "self_attention", "pre_self_attention_layer_norm"),
+                      1: ("EncDecAttention", "encoder_decoder_attention",
+                          "pre_cross_attention_layer_norm"),
+                      2: ("DenseReluDense", "mlp", "pre_mlp_layer_norm")}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that does not fit the model: names the tensor and what was expected."""
+
+
+def config_from_hf(hf_config: dict, **overrides) -> T5Config:
+  """T5Config from a Hugging Face ``config.json`` dict (v1.0 ReLU / v1.1 gated-GELU)."""
+  projection = hf_config.get("feed_forward_proj", "relu")
+  gated = projection.startswith("gated-")
+  activation = projection.split("-")[-1]
+  # transformers 5 always ties lm_head and records v1.0's output scaling separately.
+  scaled_tied = hf_config.get("scale_decoder_outputs", hf_config.get("tie_word_embeddings", True))
+  return T5Config(
+      vocab_size=hf_config["vocab_size"], emb_dim=hf_config["d_model"],
+      num_heads=hf_config["num_heads"], head_dim=hf_config["d_kv"], mlp_dim=hf_config["d_ff"],
+      num_encoder_layers=hf_config["num_layers"],
+      num_decoder_layers=hf_config.get("num_decoder_layers") or hf_config["num_layers"],
+      mlp_activations=(activation, "linear") if gated else (activation,),
+      logits_via_embedding=bool(scaled_tied),
+      num_buckets=hf_config.get("relative_attention_num_buckets", 32),
+      max_distance=hf_config.get("relative_attention_max_distance", 128),
+      layer_norm_epsilon=hf_config.get("layer_norm_epsilon", 1e-6),
+  ).replace(**overrides)
+
+
+def flax_name(hf_name: str) -> tuple[tuple[str, ...], bool] | None:
+  """``(flax path, transpose)`` for a HF tensor name, or None if the name is not a T5 tensor."""
+  if hf_name == "shared.weight":
+    return ("token_embedder", "embedding"), False
+  if hf_name == "lm_head.weight":
+    return ("decoder", "logits_dense", "kernel"), True
+  match = re.fullmatch(r"(encoder|decoder)\.final_layer_norm\.weight", hf_name)
+  if match:
+    stack = match.group(1)
+    return (stack, f"{stack}_norm", "scale"), False
+  match = re.fullmatch(r"(encoder|decoder)\.block\.(\d+)\.layer\.(\d+)\.(.+)\.weight", hf_name)
+  if not match:
+    return None
+  stack, block, sublayer, rest = match.group(1), match.group(2), int(match.group(3)), match.group(4)
+  table = _ENCODER_SUBLAYERS if stack == "encoder" else _DECODER_SUBLAYERS
+  if sublayer not in table:
+    return None
+  hf_module, module, norm = table[sublayer]
+  layer = f"layers_{block}"
+  if rest == "layer_norm":
+    return (stack, layer, norm, "scale"), False
+  if rest == f"{hf_module}.relative_attention_bias":  # shared by the stack in T5X: [heads, buckets]
+    return (stack, "relpos_bias", "rel_embedding"), True
+  prefix, _, leaf = rest.rpartition(".")
+  if prefix != hf_module:
+    return None
+  if hf_module == "DenseReluDense" and leaf in ("wi", "wi_0", "wi_1", "wo"):
+    return (stack, layer, module, leaf, "kernel"), True
+  if leaf in _ATTENTION:
+    return (stack, layer, module, _ATTENTION[leaf], "kernel"), True
+  return None
+
+
+def _tensor_files(checkpoint_dir: str, allow_pickle: bool) -> tuple[list[str], bool]:
+  """The weight files of a checkpoint folder, and whether they are pickles."""
+  def listed(index_name):
+    with open(os.path.join(checkpoint_dir, index_name)) as f:
+      return sorted(set(json.load(f)["weight_map"].values()))
+
+  for index, single, pickled in ((SAFETENSORS_INDEX, "model.safetensors", False),
+                                 (PICKLE_INDEX, "pytorch_model.bin", True)):
+    if os.path.exists(os.path.join(checkpoint_dir, index)):
+      files = listed(index)
+    elif os.path.exists(os.path.join(checkpoint_dir, single)):
+      files = [single]
+    else:
+      continue
+    if pickled and not allow_pickle:
+      raise CheckpointError(
+          f"{checkpoint_dir} holds only pickled weights ({files[0]}); unpickling can run code."
+          " Convert it to safetensors, or pass --allow_pickle (loaded with weights_only=True).")
+    missing = [f for f in files if not os.path.exists(os.path.join(checkpoint_dir, f))]
+    if missing:
+      raise CheckpointError(f"{checkpoint_dir}: shard files {missing} listed in {index} are missing.")
+    return [os.path.join(checkpoint_dir, f) for f in files], pickled
+  raise CheckpointError(
+      f"no model.safetensors, {SAFETENSORS_INDEX} or pytorch_model.bin in {checkpoint_dir}.")
+
+
+def iter_tensors(checkpoint_dir: str, allow_pickle: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+  """Yields ``(name, float32 array)`` one tensor at a time."""
+  files, pickled = _tensor_files(checkpoint_dir, allow_pickle)
+  for path in files:
+    if pickled:
+      import torch
+
+      state = torch.load(path, map_location="cpu", weights_only=True)
+      for name in list(state):
+        yield name, state.pop(name).float().numpy()
+      continue
+    from safetensors import safe_open
+
+    with safe_open(path, framework="flax") as f:  # the flax reader handles bfloat16
+      for name in f.keys():
+        yield name, np.asarray(f.get_tensor(name), np.float32)
+
+
+def expected_shapes(config: T5Config) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Param shapes of the plain backbone, from ``jax.eval_shape`` (no weights are allocated)."""
+  tokens = jnp.ones((1, 4), jnp.int32)
+  shapes = jax.eval_shape(
+      lambda: EncoderDecoder(config.replace(adapter=None)).init(
+          jax.random.PRNGKey(0), tokens, tokens, tokens, enable_dropout=False))
+  return {k: v.shape for k, v in traverse_util.flatten_dict(shapes["params"]).items()}
+
+
+def load_hf_checkpoint(checkpoint_dir: str, allow_pickle: bool = False,
+                       dtype=np.float32, progress: Callable | None = None):
+  """Returns ``(T5Config, params)`` for a Hugging Face T5/T0 checkpoint folder.
+
+  Raises CheckpointError naming any missing, unexpected or mis-shaped tensor.
+  """
+  with open(os.path.join(checkpoint_dir, "config.json")) as f:
+    config = config_from_hf(json.load(f))
+  expected = expected_shapes(config)
+  flat: dict[tuple[str, ...], np.ndarray] = {}
+  tied_head = None
+  for name, tensor in iter_tensors(checkpoint_dir, allow_pickle):
+    if progress is not None:
+      progress(name)
+    if name in TIED_ALIASES:
+      continue
+    target = flax_name(name)
+    if target is None or (target[0] not in expected and name != "lm_head.weight"):
+      raise CheckpointError(f"unexpected tensor {name!r} {tuple(tensor.shape)} in {checkpoint_dir}:"
+                            " not part of a T5 encoder-decoder of this config.")
+    path, transpose = target
+    if name == "lm_head.weight" and config.logits_via_embedding:
+      tied_head = tensor  # a tied model may still save its head: it must equal shared.weight
+      continue
+    value = tensor.T if transpose else tensor
+    if value.shape != expected[path]:
+      raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}; the config expects"
+                            f" {expected[path][::-1] if transpose else expected[path]}.")
+    flat[path] = value.astype(dtype)
+  embedding = flat.get(("token_embedder", "embedding"))
+  if tied_head is not None and embedding is not None and not np.array_equal(tied_head, embedding):
+    raise CheckpointError(
+        f"{checkpoint_dir} has an lm_head.weight that differs from shared.weight, but its config"
+        " ties the output layer (tie_word_embeddings / scale_decoder_outputs): fix config.json.")
+  head = ("decoder", "logits_dense", "kernel")
+  if head in expected and head not in flat and embedding is not None:
+    # transformers 5 ties lm_head to shared.weight when it saves a v1.1 model and drops it.
+    flat[head] = embedding.T.copy()
+  missing = sorted("/".join(p) for p in expected if p not in flat)
+  if missing:
+    raise CheckpointError(f"{checkpoint_dir} is missing {len(missing)} tensors for this config,"
+                          f" e.g. {missing[:4]}.")
+  return config, traverse_util.unflatten_dict(flat)
+
+
+CONVERTED_CONFIG = "t5_config.json"
+CONVERTED_PARAMS = "params"
+
+
+def save_converted(output_dir: str, config: T5Config, params) -> None:
+  """Writes the backbone as an orbax checkpoint plus its T5Config (JSON) for the trainer."""
+  import orbax.checkpoint as ocp
+
+  os.makedirs(output_dir, exist_ok=True)
+  fields = {k: v for k, v in dataclasses.asdict(config.replace(adapter=None)).items()
+            if k not in ("dtype", "adapter")}
+  with open(os.path.join(output_dir, CONVERTED_CONFIG), "w") as f:
+    json.dump(fields, f, indent=2)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.abspath(os.path.join(output_dir, CONVERTED_PARAMS)), params)
+  checkpointer.wait_until_finished()
+
+
+def load_converted(output_dir: str) -> tuple[T5Config, dict]:
+  import orbax.checkpoint as ocp
+
+  with open(os.path.join(output_dir, CONVERTED_CONFIG)) as f:
+    fields = json.load(f)
+  fields["mlp_activations"] = tuple(fields["mlp_activations"])
+  params = ocp.StandardCheckpointer().restore(
+      os.path.abspath(os.path.join(output_dir, CONVERTED_PARAMS)))
+  return T5Config(**fields), params

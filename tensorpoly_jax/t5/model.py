@@ -1,0 +1,245 @@
+"""T5 encoder-decoder (v1.0, v1.1 / LM-adapted / T0) with adapters injected by module path.
+
+The call signature follows T5X's ``network.Transformer`` plus ``task_ids``, so T5X's
+``EncoderDecoderModel`` can drive it; param names and logical axes follow T5X too.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import traverse_util
+from flax.core import unfreeze
+
+from tensorpoly_jax.methods import AdapterConfig
+from tensorpoly_jax.routing import Router
+from tensorpoly_jax.t5 import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """Backbone sizes (T5X ``T5Config`` names) plus the adapter to inject."""
+
+  vocab_size: int = 32128
+  emb_dim: int = 512
+  num_heads: int = 6
+  num_encoder_layers: int = 8
+  num_decoder_layers: int = 8
+  head_dim: int = 64
+  mlp_dim: int = 1024
+  mlp_activations: tuple[str, ...] = ("gelu", "linear")
+  logits_via_embedding: bool = False
+  dropout_rate: float = 0.0
+  num_buckets: int = 32
+  max_distance: int = 128
+  layer_norm_epsilon: float = 1e-6
+  dtype: Any = jnp.float32
+  remat: bool = False
+  adapter: AdapterConfig | None = None
+
+  def replace(self, **changes) -> "T5Config":
+    return dataclasses.replace(self, **changes)
+
+
+_V1_1 = dict(vocab_size=32128, head_dim=64, mlp_activations=("gelu", "linear"),
+             logits_via_embedding=False)
+PRESETS: dict[str, T5Config] = {
+    "tiny": T5Config(vocab_size=512, emb_dim=64, num_heads=4, head_dim=16, mlp_dim=128,
+                     num_encoder_layers=2, num_decoder_layers=2),
+    "t5_1_1_small": T5Config(**_V1_1, emb_dim=512, num_heads=6, mlp_dim=1024,
+                             num_encoder_layers=8, num_decoder_layers=8),
+    "t5_1_1_base": T5Config(**_V1_1, emb_dim=768, num_heads=12, mlp_dim=2048,
+                            num_encoder_layers=12, num_decoder_layers=12),
+    "t5_1_1_large": T5Config(**_V1_1, emb_dim=1024, num_heads=16, mlp_dim=2816,
+                             num_encoder_layers=24, num_decoder_layers=24),
+    "t5_1_1_xl": T5Config(**_V1_1, emb_dim=2048, num_heads=32, mlp_dim=5120,
+                          num_encoder_layers=24, num_decoder_layers=24),
+    "t5_1_1_xxl": T5Config(**_V1_1, emb_dim=4096, num_heads=64, mlp_dim=10240,
+                           num_encoder_layers=24, num_decoder_layers=24),
+}
+# T0 is T5 v1.1 LM-adapted (same shapes as v1.1 xl / xxl), multitask prompted.
+PRESETS["t0_3b"] = PRESETS["t5_1_1_xl"]
+PRESETS["t0_11b"] = PRESETS["t5_1_1_xxl"]
+
+
+def preset(name: str, **overrides) -> T5Config:
+  if name not in PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}.")
+  return PRESETS[name].replace(**overrides)
+
+
+def _layer_class(cls, config: T5Config, static_argnums):
+  return nn.remat(cls, static_argnums=static_argnums) if config.remat else cls
+
+
+class EncoderLayer(nn.Module):
+  config: T5Config
+  relative_embedding: nn.Module
+
+  @nn.compact
+  def __call__(self, inputs, encoder_mask, routing, deterministic):
+    cfg = self.config
+    bias = self.relative_embedding(inputs.shape[-2], inputs.shape[-2], True)
+    x = layers.LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_attention_layer_norm")(inputs)
+    x = layers.MultiHeadDotProductAttention(
+        cfg.num_heads, cfg.head_dim, cfg.dtype, cfg.dropout_rate, adapter=cfg.adapter,
+        name="attention")(x, x, encoder_mask, bias, routing, deterministic=deterministic)
+    x = _dropout(cfg, x, deterministic) + inputs
+    y = layers.LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_mlp_layer_norm")(x)
+    y = _mlp(cfg)(y, routing, deterministic=deterministic)
+    return _dropout(cfg, y, deterministic) + x
+
+
+class DecoderLayer(nn.Module):
+  config: T5Config
+  relative_embedding: nn.Module
+
+  @nn.compact
+  def __call__(self, inputs, encoded, decoder_mask, encoder_decoder_mask, routing, deterministic):
+    cfg = self.config
+    bias = self.relative_embedding(inputs.shape[-2], inputs.shape[-2], False)
+    x = layers.LayerNorm(cfg.layer_norm_epsilon, cfg.dtype,
+                         name="pre_self_attention_layer_norm")(inputs)
+    x = layers.MultiHeadDotProductAttention(
+        cfg.num_heads, cfg.head_dim, cfg.dtype, cfg.dropout_rate, adapter=cfg.adapter,
+        name="self_attention")(x, x, decoder_mask, bias, routing, deterministic=deterministic)
+    x = _dropout(cfg, x, deterministic) + inputs
+    y = layers.LayerNorm(cfg.layer_norm_epsilon, cfg.dtype,
+                         name="pre_cross_attention_layer_norm")(x)
+    y = layers.MultiHeadDotProductAttention(
+        cfg.num_heads, cfg.head_dim, cfg.dtype, cfg.dropout_rate, adapter=cfg.adapter,
+        name="encoder_decoder_attention")(y, encoded, encoder_decoder_mask, None, routing,
+                                          deterministic=deterministic)
+    y = _dropout(cfg, y, deterministic) + x
+    z = layers.LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_mlp_layer_norm")(y)
+    z = _mlp(cfg)(z, routing, deterministic=deterministic)
+    return _dropout(cfg, z, deterministic) + y
+
+
+def _mlp(cfg: T5Config):
+  return layers.MlpBlock(cfg.mlp_dim, tuple(cfg.mlp_activations), dropout_rate=cfg.dropout_rate,
+                         dtype=cfg.dtype, adapter=cfg.adapter, name="mlp")
+
+
+def _dropout(cfg: T5Config, x, deterministic):
+  return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+
+
+def _relpos(cfg: T5Config):
+  return layers.RelativePositionBiases(cfg.num_buckets, cfg.max_distance, cfg.num_heads,
+                                       cfg.dtype, name="relpos_bias")
+
+
+class Encoder(nn.Module):
+  config: T5Config
+  shared_embedding: nn.Module
+
+  @nn.compact
+  def __call__(self, tokens, encoder_mask, routing, deterministic):
+    cfg = self.config
+    relative_embedding = _relpos(cfg)
+    x = _dropout(cfg, self.shared_embedding(tokens.astype("int32")), deterministic)
+    layer_cls = _layer_class(EncoderLayer, cfg, static_argnums=(4,))
+    for index in range(cfg.num_encoder_layers):
+      x = layer_cls(cfg, relative_embedding, name=f"layers_{index}")(
+          x, encoder_mask, routing, deterministic)
+    x = layers.LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="encoder_norm")(x)
+    return _dropout(cfg, x, deterministic)
+
+
+class Decoder(nn.Module):
+  config: T5Config
+  shared_embedding: nn.Module
+
+  @nn.compact
+  def __call__(self, encoded, decoder_input_tokens, decoder_mask, encoder_decoder_mask, routing,
+               deterministic):
+    cfg = self.config
+    relative_embedding = _relpos(cfg)
+    y = _dropout(cfg, self.shared_embedding(decoder_input_tokens.astype("int32")), deterministic)
+    layer_cls = _layer_class(DecoderLayer, cfg, static_argnums=(6,))
+    for index in range(cfg.num_decoder_layers):
+      y = layer_cls(cfg, relative_embedding, name=f"layers_{index}")(
+          y, encoded, decoder_mask, encoder_decoder_mask, routing, deterministic)
+    y = layers.LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="decoder_norm")(y)
+    y = _dropout(cfg, y, deterministic)
+    if cfg.logits_via_embedding:  # v1.0: tied output layer, rescaled as T5 does
+      return self.shared_embedding.attend(y) / jnp.sqrt(jnp.asarray(y.shape[-1], y.dtype))
+    return layers.DenseGeneral(cfg.vocab_size, dtype=jnp.float32, kernel_axes=("embed", "vocab"),
+                               name="logits_dense")(y)
+
+
+class EncoderDecoder(nn.Module):
+  """T5 with adapters: ``__call__`` takes T5X's arguments plus ``task_ids: int[B]``."""
+
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.token_embedder = layers.Embed(cfg.vocab_size, cfg.emb_dim, cfg.dtype, name="token_embedder")
+    self.encoder = Encoder(cfg, self.token_embedder)
+    self.decoder = Decoder(cfg, self.token_embedder)
+    adapter = cfg.adapter
+    shared = adapter is not None and adapter.routed and adapter.shared_router
+    self.shared_router = Router(adapter.n_tasks, adapter.routing_heads, adapter.n_skills,
+                                relaxed_bernoulli=adapter.relaxed_bernoulli) if shared else None
+
+  def routing(self, task_ids, deterministic=True) -> layers.Routing:
+    """Routing for the batch; a shared router's weights are computed here, once."""
+    if self.shared_router is None or task_ids is None:
+      return layers.Routing(task_ids)
+    return layers.Routing(task_ids, self.shared_router(task_ids, deterministic=deterministic))
+
+  def encode(self, encoder_input_tokens, encoder_segment_ids=None, enable_dropout=True,
+             task_ids=None, routing=None):
+    valid = encoder_input_tokens > 0
+    mask = layers.make_attention_mask(valid, valid, self.config.dtype)
+    routing = routing or self.routing(task_ids, not enable_dropout)
+    return self.encoder(encoder_input_tokens, mask, routing, not enable_dropout)
+
+  def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
+             encoder_segment_ids=None, decoder_segment_ids=None, decoder_positions=None,
+             enable_dropout=True, decode=False, max_decode_length=None, task_ids=None,
+             routing=None):
+    if decode:
+      raise NotImplementedError("incremental decoding is not implemented; score with full targets.")
+    dtype = self.config.dtype
+    decoder_mask = layers.make_decoder_mask(decoder_target_tokens, dtype)
+    cross_mask = layers.make_attention_mask(decoder_target_tokens > 0, encoder_input_tokens > 0,
+                                            dtype)
+    routing = routing or self.routing(task_ids, not enable_dropout)
+    return self.decoder(encoded, decoder_input_tokens, decoder_mask, cross_mask, routing,
+                        not enable_dropout)
+
+  def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
+               encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
+               decoder_positions=None, *, enable_dropout: bool = True, decode: bool = False,
+               task_ids=None):
+    routing = self.routing(task_ids, not enable_dropout)
+    encoded = self.encode(encoder_input_tokens, enable_dropout=enable_dropout, routing=routing)
+    return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
+                       enable_dropout=enable_dropout, decode=decode, routing=routing)
+
+
+ADAPTER_MODULES = ("adapter", "shared_router")
+
+
+def is_adapter_path(path: tuple[str, ...]) -> bool:
+  """Adapter and router params live under a module named ``adapter`` (or the shared router)."""
+  return any(name in ADAPTER_MODULES for name in path)
+
+
+def split_params(params) -> tuple[dict, dict]:
+  """``(adapter params, frozen backbone params)`` as two flat-path dicts' nested forms."""
+  flat = traverse_util.flatten_dict(unfreeze(params))
+  adapter = {k: v for k, v in flat.items() if is_adapter_path(k)}
+  backbone = {k: v for k, v in flat.items() if not is_adapter_path(k)}
+  return traverse_util.unflatten_dict(adapter), traverse_util.unflatten_dict(backbone)
+
+
+def merge_params(adapter, backbone) -> dict:
+  flat = traverse_util.flatten_dict(unfreeze(backbone))
+  flat.update(traverse_util.flatten_dict(unfreeze(adapter)))
+  return traverse_util.unflatten_dict(flat)
