@@ -8,11 +8,22 @@ CORE = [
     "optax>=0.2.8",
     "orbax-checkpoint>=0.12.8",
     "gin-config>=0.5.0",
+    "seqio>=0.0.20",  # brings tensorflow, tensorflow-text and clu (TensorBoard writers)
+    "datasets>=5.2",
+    "transformers>=5.23",
+    "safetensors>=0.8.0",
+    "sentencepiece>=0.2",
     "numpy>=2.0",
     "tqdm>=4.66",
+    "matplotlib>=3.10",
+    # promptsource's template code (installed by `tensorpoly install-templates`) needs these;
+    # it imports pkg_resources, which setuptools 82 removed.
+    "jinja2>=3.1",
+    "pyyaml>=6.0",
+    "pandas>=2.2",
+    "setuptools<82",
 ]
-CONVERT = ["transformers>=5.23", "safetensors>=0.8.0", "torch>=2.13"]
-TESTS = ["pytest>=9.0", "pytest-xdist>=3.8", "hypothesis>=6.150", "peft>=0.21.2", *CONVERT]
+TESTS = ["pytest>=9.0", "pytest-xdist>=3.8", "hypothesis>=6.150", "peft>=0.21.2", "torch>=2.13"]
 
 setup(
     name="tensorpoly-jax",
@@ -23,6 +34,6 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["tensorpoly_jax", "tensorpoly_jax.*"]),
     install_requires=CORE,
-    extras_require={"convert": CONVERT, "tests": TESTS},
+    extras_require={"torch": ["torch>=2.13"], "tests": TESTS},
     entry_points={"console_scripts": ["tensorpoly=tensorpoly_jax.cli:main"]},
 )

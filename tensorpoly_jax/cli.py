@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 
 import numpy as np
@@ -25,6 +26,21 @@ def _convert(args) -> int:
   return 0
 
 
+def _install_templates(args) -> int:
+  """promptsource declares Python < 3.10 and pins an old streamlit app; its template code runs on
+  3.11 with the dependencies tensorpoly-jax already installs, so it goes in without its own."""
+  from tensorpoly_jax.data import prompts
+
+  command = [sys.executable, "-m", "pip", "install", "--no-deps", "--ignore-requires-python",
+             f"promptsource=={prompts.PROMPTSOURCE_VERSION}"]
+  print(" ".join(command))
+  subprocess.run(command, check=True)
+  from tensorpoly_jax.data import prompts as fresh
+
+  print(f"promptsource ready: {len(fresh.template_names('super_glue', 'rte'))} RTE templates")
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="tensorpoly", description=__doc__)
   commands = parser.add_subparsers(dest="command", required=True)
@@ -36,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
   convert.add_argument("--allow_pickle", action="store_true",
                        help="read pytorch_model.bin pickles (with torch.load(weights_only=True))")
   convert.set_defaults(run=_convert)
+  install = commands.add_parser("install-templates",
+                                help="install the promptsource (P3) templates for the T0 tasks")
+  install.set_defaults(run=_install_templates)
   return parser
 
 
