@@ -16,6 +16,7 @@ CORE = [
     "numpy>=2.0",
     "tqdm>=4.66",
     "matplotlib>=3.10",
+    "tensorboardX>=2.6",
     # promptsource's template code (installed by `tensorpoly install-templates`) needs these;
     # it imports pkg_resources, which setuptools 82 removed.
     "jinja2>=3.1",

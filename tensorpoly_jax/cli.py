@@ -1,32 +1,69 @@
-"""``tensorpoly`` command line (T5X-style flags)."""
+"""``tensorpoly`` command line: T5X-style ``--gin_file`` / ``--gin.NAME=value`` / ``--model_dir``.
+
+The only module that parses gin and flags; every library object it binds is a plain dataclass
+or function, registered here as a gin configurable.
+"""
 from __future__ import annotations
 
 import argparse
+import difflib
+import os
+import re
 import subprocess
 import sys
 
-import numpy as np
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only reads data; keep its logs quiet
+
+import gin  # pylint: disable=wrong-import-position
+
+from tensorpoly_jax import commands
+from tensorpoly_jax.methods import AdapterConfig
+from tensorpoly_jax.optimizers import OptimizerConfig
+from tensorpoly_jax.trainer import TrainConfig
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+for _cls in (AdapterConfig, OptimizerConfig, TrainConfig):
+  gin.external_configurable(_cls, module="tensorpoly_jax")
+# gin wraps the functions: the CLI calls these wrapped versions, which read the bindings.
+CONFIGURED = {fn.__name__: gin.external_configurable(fn, module="tensorpoly_jax")
+              for fn in (commands.data_setup, commands.train, commands.adapt, commands.evaluate,
+                         commands.model_config, commands.pipeline_run)}
+
+GIN_FLAG = re.compile(r"--gin\.([A-Za-z_][\w./]*)=(.*)", re.S)
 
 
-def _convert(args) -> int:
-  from tqdm import tqdm
+def parse_gin(gin_files, gin_flags, model_dir=None, search_paths=()) -> None:
+  """Parses the files, then the flag bindings; a flag that names no macro the files define, or a
+  parameter gin does not know, fails here, before any work."""
+  gin.clear_config()
+  for path in (*search_paths, CONFIGS, os.getcwd()):
+    gin.add_config_file_search_path(path)
+  gin.parse_config_files_and_bindings(list(gin_files), [], finalize_config=False)
+  bindings = [f"MODEL_DIR = {model_dir!r}"] if model_dir else []
+  for flag in gin_flags:
+    match = GIN_FLAG.fullmatch(flag)
+    if not match:
+      raise ValueError(f"unrecognized flag {flag!r}; gin bindings are --gin.NAME=VALUE.")
+    name, value = match.groups()
+    if "." not in name and "/" not in name:
+      _check_macro(name)
+    bindings.append(f"{name} = {value}")
+  gin.parse_config(bindings)
+  gin.finalize()
 
-  from tensorpoly_jax.t5 import convert
 
-  dtype = {"float32": np.float32, "bfloat16": "bfloat16"}[args.dtype]
-  if dtype == "bfloat16":
-    import ml_dtypes
-
-    dtype = ml_dtypes.bfloat16
-  with tqdm(desc="converting tensors", unit=" tensors") as bar:
-    config, params = convert.load_hf_checkpoint(args.checkpoint_dir, args.allow_pickle, dtype,
-                                                progress=lambda name: bar.update(1))
-  convert.save_converted(args.output_dir, config, params)
-  print(f"wrote {args.output_dir} ({convert.CONVERTED_CONFIG}, {convert.CONVERTED_PARAMS}/)")
-  return 0
+def _check_macro(name: str) -> None:
+  try:
+    gin.query_parameter(f"{name}/macro.value")
+  except ValueError:
+    known = sorted(k[0] for k in gin.config._CONFIG if k[1] == "gin.macro")  # pylint: disable=protected-access
+    close = difflib.get_close_matches(name, known, n=3)
+    raise ValueError(f"--gin.{name}: no gin file defines the macro {name}"
+                     f"{'; did you mean ' + ', '.join(close) + '?' if close else ''}"
+                     f" Known macros: {', '.join(known)}.") from None
 
 
-def _install_templates(args) -> int:
+def _install_templates(_args) -> int:
   """promptsource declares Python < 3.10 and pins an old streamlit app; its template code runs on
   3.11 with the dependencies tensorpoly-jax already installs, so it goes in without its own."""
   from tensorpoly_jax.data import prompts
@@ -35,16 +72,68 @@ def _install_templates(args) -> int:
              f"promptsource=={prompts.PROMPTSOURCE_VERSION}"]
   print(" ".join(command))
   subprocess.run(command, check=True)
-  from tensorpoly_jax.data import prompts as fresh
+  print(f"promptsource ready: {len(prompts.template_names('super_glue', 'rte'))} RTE templates")
+  return 0
 
-  print(f"promptsource ready: {len(fresh.template_names('super_glue', 'rte'))} RTE templates")
+
+def _convert(args) -> int:
+  commands.convert(args.checkpoint_dir, args.output_dir, args.dtype, args.allow_pickle)
+  return 0
+
+
+def _demo(args) -> int:
+  from tensorpoly_jax import demo
+
+  demo.run(args.model_dir, demo.DemoConfig.quick() if args.quick else demo.DemoConfig())
+  return 0
+
+
+def _gin_command(function):
+  def run(args, gin_flags):
+    parse_gin(args.gin_file, gin_flags, args.model_dir, args.gin_search_paths)
+    CONFIGURED["data_setup"]()
+    CONFIGURED[function]()
+    return 0
+
+  return run
+
+
+def _sweep(args, gin_flags) -> int:
+  from tensorpoly_jax import sweep
+
+  if not args.model_dir:
+    raise ValueError("sweep needs --model_dir: each point runs in its own folder below it.")
+
+  def run_point(point):
+    parse_gin(args.gin_file, [*gin_flags, *sweep.point_flags(point)],
+              os.path.join(args.model_dir, sweep.point_name(point)), args.gin_search_paths)
+    CONFIGURED["data_setup"]()
+    return CONFIGURED["pipeline_run"]()
+
+  sweep.run(args.model_dir, sweep.parse_grid(args.sweep), run_point)
   return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="tensorpoly", description=__doc__)
-  commands = parser.add_subparsers(dest="command", required=True)
-  convert = commands.add_parser("convert", help="Hugging Face T5/T0 checkpoint -> Flax params")
+  parser = argparse.ArgumentParser(prog="tensorpoly", description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  for name, function, help_text in (
+      ("train", "train", "multi-task training: adapters on a backbone, or the backbone"),
+      ("adapt", "adapt", "few-shot adaptation of held-out tasks over seeds, then eval"),
+      ("eval", "evaluate", "rank-classification evaluation of a backbone or adapter")):
+    command = sub.add_parser(name, help=help_text)
+    _gin_flags(command)
+    command.set_defaults(run=_gin_command(function), takes_gin=True)
+  sweep = sub.add_parser("sweep", help="a grid over gin macros, one run per point, then a table")
+  _gin_flags(sweep)
+  sweep.add_argument("--sweep", action="append", required=True, metavar="MACRO=v1,v2,...",
+                     help="a macro and its values; repeat for a grid")
+  sweep.set_defaults(run=_sweep, takes_gin=True)
+  demo = sub.add_parser("demo", help="the whole pipeline on the embedded mini-T0 suite")
+  demo.add_argument("--model_dir", default="runs/demo")
+  demo.add_argument("--quick", action="store_true", help="a small run (minutes) for smoke tests")
+  demo.set_defaults(run=_demo)
+  convert = sub.add_parser("convert", help="Hugging Face T5/T0 checkpoint -> Flax params")
   convert.add_argument("--checkpoint_dir", required=True,
                        help="folder with config.json and model.safetensors (or its shards)")
   convert.add_argument("--output_dir", required=True)
@@ -52,14 +141,25 @@ def build_parser() -> argparse.ArgumentParser:
   convert.add_argument("--allow_pickle", action="store_true",
                        help="read pytorch_model.bin pickles (with torch.load(weights_only=True))")
   convert.set_defaults(run=_convert)
-  install = commands.add_parser("install-templates",
-                                help="install the promptsource (P3) templates for the T0 tasks")
+  install = sub.add_parser("install-templates",
+                           help="install the promptsource (P3) templates for the T0 tasks")
   install.set_defaults(run=_install_templates)
   return parser
 
 
+def _gin_flags(command) -> None:
+  command.add_argument("--gin_file", action="append", default=[], help="a gin file (repeatable)")
+  command.add_argument("--gin_search_paths", action="append", default=[])
+  command.add_argument("--model_dir", default=None, help="sets the MODEL_DIR macro")
+
+
 def main(argv=None) -> int:
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args, rest = parser.parse_known_args(argv)
+  if rest and not getattr(args, "takes_gin", False):
+    parser.error(f"unrecognized arguments: {' '.join(rest)}")
+  if getattr(args, "takes_gin", False):
+    return args.run(args, rest)
   return args.run(args)
 
 

@@ -75,3 +75,32 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def _dict_path(path) -> tuple[str, ...]:
+  return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def state_shardings(tree, params, params_shardings, mesh: Mesh):
+  """Shardings for an optimizer state: a leaf shaped like the param whose dict path ends its own
+  path (Adam moments, multi-transform inner states) takes that param's sharding; factored or
+  scalar leaves are replicated."""
+  flat_params = {_dict_path(p): (v.shape, s) for (p, v), s in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0], jax.tree_util.tree_leaves(params_shardings))}
+
+  def sharding_for(path, leaf):
+    keys = _dict_path(path)
+    for start in range(len(keys)):
+      match = flat_params.get(keys[start:])
+      if match is not None and match[0] == getattr(leaf, "shape", None):
+        return match[1]
+    return replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(sharding_for, tree)
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+  """Global arrays from each process's share of the batch, split over the ``data`` axis."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}

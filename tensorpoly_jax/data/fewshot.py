@@ -19,6 +19,10 @@ def sample_indices(pool_size: int, k: int, seed: int) -> np.ndarray:
 
 def task_rows(task_name: str, split: str) -> list[dict]:
   """The prompted rows of a task's split as Python values (strings decoded)."""
+  return tasks.cached_read(task_name, ("rows", split), lambda: _read_rows(task_name, split))
+
+
+def _read_rows(task_name: str, split: str) -> list[dict]:
   task = tasks.get_task_or_mixture(task_name)
   if not isinstance(task, seqio.Task):
     raise ValueError(f"{task_name!r} is a mixture; few-shot subsets are drawn per task.")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import logging
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -19,6 +20,18 @@ import seqio
 import tensorflow as tf
 
 from tensorpoly_jax.data import embedded
+
+class _InMemorySourceFilter(logging.Filter):
+  """seqio warns on every read that an uncached FunctionDataSource shuffles poorly on restart;
+  ours are in-memory lists that seqio shuffles per example, and resumes skip to the exact batch."""
+
+  def filter(self, record):
+    return "uncached FunctionDataset" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_InMemorySourceFilter())
+# TensorFlow only feeds data here; left alone it would reserve the accelerators JAX trains on.
+tf.config.set_visible_devices([], "GPU")
 
 EMBEDDED_TRAIN = "embedded_train"
 EMBEDDED_HELDOUT = "embedded_heldout"
@@ -75,9 +88,23 @@ def examples_source(rows_fn: Callable[[str], Sequence[Mapping]], splits: Sequenc
   return seqio.FunctionDataSource(dataset_fn, splits=list(splits))
 
 
+# Python-side reads of a registered task (rows, rank-classification arrays), reused by the many
+# few-shot runs over one task; dropped when the task is registered again.
+_READ_CACHE: dict[str, dict] = {}
+
+
+def cached_read(name: str, key, read: Callable[[], object]):
+  """``read()`` once per registered task ``name`` and ``key``."""
+  entries = _READ_CACHE.setdefault(name, {})
+  if key not in entries:
+    entries[key] = read()
+  return entries[key]
+
+
 def add_task(name: str, source: seqio.DataSource, vocabulary: seqio.Vocabulary,
              inputs_eos: bool = True) -> seqio.Task:
   """Registers (or re-registers) a task with tokenized inputs/targets."""
+  _READ_CACHE.pop(name, None)
   if name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)
   return seqio.TaskRegistry.add(

@@ -6,7 +6,6 @@ Reads ``config.json`` and ``model.safetensors`` (or shards listed in
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from tensorpoly_jax.t5.model import EncoderDecoder, T5Config
+from tensorpoly_jax.t5.model import EncoderDecoder, T5Config, config_from_dict, config_to_dict
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -197,10 +196,8 @@ def save_converted(output_dir: str, config: T5Config, params) -> None:
   import orbax.checkpoint as ocp
 
   os.makedirs(output_dir, exist_ok=True)
-  fields = {k: v for k, v in dataclasses.asdict(config.replace(adapter=None)).items()
-            if k not in ("dtype", "adapter")}
   with open(os.path.join(output_dir, CONVERTED_CONFIG), "w") as f:
-    json.dump(fields, f, indent=2)
+    json.dump(config_to_dict(config), f, indent=2)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.abspath(os.path.join(output_dir, CONVERTED_PARAMS)), params)
   checkpointer.wait_until_finished()
@@ -210,8 +207,7 @@ def load_converted(output_dir: str) -> tuple[T5Config, dict]:
   import orbax.checkpoint as ocp
 
   with open(os.path.join(output_dir, CONVERTED_CONFIG)) as f:
-    fields = json.load(f)
-  fields["mlp_activations"] = tuple(fields["mlp_activations"])
+    config = config_from_dict(json.load(f))
   params = ocp.StandardCheckpointer().restore(
       os.path.abspath(os.path.join(output_dir, CONVERTED_PARAMS)))
-  return T5Config(**fields), params
+  return config, params

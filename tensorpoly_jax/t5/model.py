@@ -243,3 +243,17 @@ def merge_params(adapter, backbone) -> dict:
   flat = traverse_util.flatten_dict(unfreeze(backbone))
   flat.update(traverse_util.flatten_dict(unfreeze(adapter)))
   return traverse_util.unflatten_dict(flat)
+
+
+def config_to_dict(config: T5Config) -> dict:
+  """The backbone fields of a config as JSON values (no dtype, no adapter)."""
+  fields = dataclasses.asdict(config.replace(adapter=None))
+  fields.pop("adapter")
+  fields.pop("dtype")
+  fields["mlp_activations"] = list(fields["mlp_activations"])
+  return fields
+
+
+def config_from_dict(fields: dict, **overrides) -> T5Config:
+  fields = dict(fields, mlp_activations=tuple(fields["mlp_activations"]))
+  return T5Config(**fields).replace(**overrides)

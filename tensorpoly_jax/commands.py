@@ -1,0 +1,146 @@
+"""What each ``tensorpoly`` command does, as plain functions of their settings (cli binds them
+with gin). Results go to JSON files in the model directory."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tensorpoly_jax import checkpoints, evaluation, pipeline
+from tensorpoly_jax.data import tasks
+from tensorpoly_jax.methods import AdapterConfig
+from tensorpoly_jax.t5 import convert as t5_convert
+from tensorpoly_jax.t5.model import EncoderDecoder, T5Config, merge_params, preset, split_params
+from tensorpoly_jax.trainer import TrainConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SUITES = ("embedded", "t0")
+
+
+def model_config(preset_name: str = "tiny", dtype: str = "float32", remat: bool = False,
+                 dropout_rate: float = 0.0) -> T5Config:
+  """A backbone from a preset (for training one from scratch)."""
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype {dtype!r} is unknown; choose one of {sorted(DTYPES)}.")
+  return preset(preset_name, dtype=DTYPES[dtype], remat=remat, dropout_rate=dropout_rate)
+
+
+def data_setup(suite: str = "embedded", seed: int = 0, data_dir: str | None = None,
+               vocabulary_dir: str | None = None, examples_per_task: int | None = None,
+               anli_eval: str = "test") -> dict[str, int]:
+  """Registers the tasks a run reads; returns the training mixture's routing id map."""
+  if suite == "embedded":
+    return tasks.register_embedded(seed)
+  if suite == "t0":
+    from tensorpoly_jax.data import t0
+
+    if vocabulary_dir is None:
+      raise ValueError("suite='t0' needs VOCABULARY_DIR: the checkpoint folder with spiece.model.")
+    vocabulary = tasks.sentencepiece_vocabulary(os.path.join(vocabulary_dir, "spiece.model"))
+    return t0.register_t0(vocabulary, data_dir, examples_per_task=examples_per_task,
+                          anli_eval=anli_eval)
+  raise ValueError(f"data suite {suite!r} is unknown; choose one of {SUITES}.")
+
+
+def _write_json(path: str, payload) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(payload, f, indent=2)
+
+
+def train(model_dir: str, mixture: str, train_config: TrainConfig,
+          adapter: AdapterConfig | None = None, backbone_dir: str | None = None,
+          model: T5Config | None = None, dtype: str = "float32") -> str:
+  """With an adapter: multi-task adapter pretraining on ``backbone_dir`` (exported to
+  ``model_dir/adapter``). Without: trains the backbone ``model`` itself (``model_dir/backbone``)."""
+  if adapter is None:
+    return pipeline.train_backbone(model_dir, model or model_config(), mixture, train_config)
+  if backbone_dir is None:
+    raise ValueError("adapter training needs BACKBONE_DIR (a `tensorpoly convert` output or a"
+                     " trained backbone).")
+  _, export = pipeline.pretrain_adapters(model_dir, backbone_dir, adapter, mixture, train_config,
+                                         DTYPES[dtype])
+  return export
+
+
+def _task_list(names) -> list[str]:
+  """Task names, with mixtures expanded to their tasks (each task once, in order)."""
+  names = [names] if isinstance(names, str) else list(names)
+  return list(dict.fromkeys(task for name in names for task in tasks.mixture_task_names(name)))
+
+
+def adapt(model_dir: str, backbone_dir: str, adapter_dir: str, heldout, train_config: TrainConfig,
+          shots: int = 16, seeds=(0, 1, 32, 42, 1024), dtype: str = "float32",
+          length_normalize: bool = True, eval_batch_size: int = 32) -> dict:
+  """Few-shot adaptation of every held-out task for every seed, then its evaluation split.
+
+  Writes ``model_dir/adapt_results.json``: accuracy per task and seed, and seed summaries."""
+  results = {}
+  for task in _task_list(heldout):
+    for seed in seeds:
+      run_dir = os.path.join(model_dir, "adapt", f"{task}_seed{seed}")
+      model, params, task_id = pipeline.adapt(run_dir, backbone_dir, adapter_dir, task, shots,
+                                              seed, train_config, DTYPES[dtype])
+      accuracy = pipeline.evaluate_task(model, params, task, task_id, train_config.inputs_length,
+                                        train_config.targets_length, batch_size=eval_batch_size,
+                                        length_normalize=length_normalize)
+      results.setdefault(task, {})[str(seed)] = accuracy
+      if jax.process_index() == 0:
+        checkpoints.export_adapter(os.path.join(run_dir, "adapter"), split_params(params)[0],
+                                   {"task": task, "task_id": task_id, "seed": seed,
+                                    "adapter": model.config.adapter.__dict__})
+  summary = {task: evaluation.summarize(list(by_seed.values())) for task, by_seed in results.items()}
+  adapted = split_params(params)[0]
+  payload = {"accuracy": results, "summary": summary,
+             "mean_of_medians": float(np.mean([s["median"] for s in summary.values()])),
+             "adaptation_params": int(sum(x.size for x in jax.tree_util.tree_leaves(adapted)))}
+  _write_json(os.path.join(model_dir, "adapt_results.json"), payload)
+  return payload
+
+
+def pipeline_run(model_dir: str, backbone_dir: str, adapter: AdapterConfig, mixture: str,
+                 heldout, pretrain_config: TrainConfig, adapt_config: TrainConfig,
+                 shots: int = 16, seeds=(0, 1, 32)) -> dict:
+  """Adapter pretraining, then few-shot adaptation and evaluation of the held-out tasks (one
+  sweep point)."""
+  adapter_dir = train(model_dir, mixture, pretrain_config, adapter, backbone_dir)
+  return adapt(model_dir, backbone_dir, adapter_dir, heldout, adapt_config, shots, seeds)
+
+
+def evaluate(model_dir: str, backbone_dir: str, heldout, adapter_dir: str | None = None,
+             split: str = "validation", inputs_length: int = 256, targets_length: int = 256,
+             length_normalize: bool = True, batch_size: int = 32, dtype: str = "float32") -> dict:
+  """Rank-classification accuracy of a backbone, optionally with an exported adapter (an adapted
+  one routes with the task id saved beside it). Writes ``model_dir/eval_results.json``."""
+  config, backbone = t5_convert.load_converted(backbone_dir)
+  params, task_id = backbone, None
+  if adapter_dir is not None:
+    adapter_params, meta = checkpoints.load_adapter(adapter_dir)
+    config = config.replace(adapter=AdapterConfig(**meta["adapter"]))
+    params, task_id = merge_params(adapter_params, backbone), meta.get("task_id")
+  model = EncoderDecoder(config.replace(dtype=DTYPES[dtype]))
+  results = {task: pipeline.evaluate_task(model, params, task, task_id, inputs_length,
+                                          targets_length, split, batch_size, length_normalize)
+             for task in _task_list(heldout)}
+  _write_json(os.path.join(model_dir, "eval_results.json"), {"split": split, "accuracy": results})
+  return results
+
+
+def convert(checkpoint_dir: str, output_dir: str, dtype: str = "float32",
+            allow_pickle: bool = False) -> None:
+  from tqdm import tqdm
+
+  import ml_dtypes
+
+  numpy_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
+  with tqdm(desc="converting tensors", unit=" tensors") as bar:
+    config, params = t5_convert.load_hf_checkpoint(checkpoint_dir, allow_pickle, numpy_dtype,
+                                                   progress=lambda name: bar.update(1))
+  t5_convert.save_converted(output_dir, config, params)
+  print(f"wrote {output_dir} ({t5_convert.CONVERTED_CONFIG}, {t5_convert.CONVERTED_PARAMS}/)")
+
+

@@ -1,0 +1,43 @@
+"""Numpy batch streams for training; the batch at step ``s`` depends only on (seed, s), so a
+resumed run sees exactly the batches an uninterrupted run would."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import seqio
+
+from tensorpoly_jax.data import tasks
+
+CHOICE_KEYS = ("encoder_input_tokens", "choice_tokens", "label")
+
+
+def lm_batches(name: str, batch_size: int, inputs_length: int, targets_length: int, seed: int,
+               start_step: int = 0, shard_info: seqio.ShardInfo | None = None) -> Iterator[dict]:
+  """Endless shuffled batches of a task or mixture, resumed at ``start_step``.
+
+  Each process reads its own shard; ``batch_size`` is this process's share of the global batch.
+  """
+  ds = tasks.get_dataset(name, inputs_length, targets_length, split="train", shuffle=True,
+                         seed=seed, shard_info=shard_info, num_epochs=None)
+  ds = ds.batch(batch_size, drop_remainder=True).skip(start_step).prefetch(2)
+  for batch in ds.as_numpy_iterator():
+    batch["task_ids"] = batch.pop("task_id")[:, 0]
+    yield batch
+
+
+def choice_batches(arrays: dict, batch_size: int, seed: int, start_step: int = 0,
+                   task_id: int | None = None) -> Iterator[dict]:
+  """Endless batches of rank-classification arrays, reshuffled every epoch."""
+  total = len(arrays["label"])
+  step = start_step
+  while True:
+    positions = np.arange(step * batch_size, (step + 1) * batch_size)
+    epochs, offsets = positions // total, positions % total
+    index = np.array([np.random.default_rng([seed, e]).permutation(total)[o]
+                      for e, o in zip(epochs, offsets)])
+    batch = {key: arrays[key][index] for key in CHOICE_KEYS}
+    if task_id is not None:
+      batch["task_ids"] = np.full(batch_size, task_id, np.int32)
+    yield batch
+    step += 1

@@ -1,0 +1,113 @@
+"""``tensorpoly demo``: the paper's pipeline in miniature on the embedded mini-T0 suite.
+
+A tiny T5 is trained on the training tasks (the stand-in for T0), then every method gets
+multi-task adapter pretraining, few-shot adaptation on each held-out task for several seeds (new
+router row, T-Few losses) and rank-classification evaluation. ``evaluation.json`` holds every
+accuracy; the Table-1-style report (terminal, ``report.json``, ``report.png``) is computed from it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+
+from tensorpoly_jax import pipeline
+from tensorpoly_jax.data import embedded, tasks
+from tensorpoly_jax.methods import AdapterConfig
+from tensorpoly_jax.optimizers import OptimizerConfig
+from tensorpoly_jax.reporting import write_report
+from tensorpoly_jax.t5.model import preset, split_params
+from tensorpoly_jax.trainer import TrainConfig
+
+METHODS = {
+    "lora": AdapterConfig("lora", lora_rank=4),
+    "tlora": AdapterConfig("tlora", lora_rank=4, n_skills=2, order=2),
+    "poly": AdapterConfig("poly", lora_rank=4, n_skills=8),
+    "mhr": AdapterConfig("mhr", lora_rank=4, n_skills=8, n_splits=4),
+    "tensorpoly_i": AdapterConfig("tensorpoly_i", lora_rank=4, n_skills=8, order=2),
+    "tensorpoly_ii": AdapterConfig("tensorpoly_ii", lora_rank=4, n_skills=8, order=2),
+}
+EVALUATION_FILE = "evaluation.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+  """Sizes of the demo; ``quick()`` is the smoke-test size used by the test suite."""
+
+  data_seed: int = 0
+  sizes: embedded.Sizes = embedded.Sizes()
+  backbone_steps: int = 2000
+  pretrain_steps: int = 400
+  adapt_steps: int = 50
+  batch_size: int = 32
+  adapt_batch_size: int = 8
+  shots: int = 16
+  seeds: tuple[int, ...] = (0, 1, 32)
+  methods: tuple[str, ...] = tuple(METHODS)
+  inputs_length: int = 48
+  targets_length: int = 24
+
+  @classmethod
+  def quick(cls) -> "DemoConfig":
+    return cls(sizes=embedded.Sizes(40, 4, 24, 16), backbone_steps=40, pretrain_steps=10,
+               adapt_steps=4, batch_size=8, adapt_batch_size=8, shots=8, seeds=(0, 1),
+               methods=("lora", "tensorpoly_i"))
+
+  def train_config(self, stage: str) -> TrainConfig:
+    steps = {"backbone": self.backbone_steps, "pretrain": self.pretrain_steps,
+             "adapt": self.adapt_steps}[stage]
+    rate = 3e-3 if stage == "backbone" else 1e-2
+    optimizer = OptimizerConfig(name="adamw", learning_rate=rate, adapter_learning_rate=rate,
+                                leaf_learning_rate=rate, router_learning_rate=0.1,
+                                warmup_fraction=0.06)
+    return TrainConfig(steps=steps, batch_size=self.adapt_batch_size if stage == "adapt" else
+                       self.batch_size, inputs_length=self.inputs_length,
+                       targets_length=self.targets_length, checkpoint_every=steps,
+                       keep_checkpoints=1, log_every=max(1, steps // 10), optimizer=optimizer)
+
+
+def _count(tree) -> int:
+  return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
+
+
+def run(model_dir: str, config: DemoConfig = DemoConfig()) -> dict:
+  """Runs every stage (resuming finished ones from ``model_dir``) and writes the report."""
+  started = time.time()
+  tasks.register_embedded(config.data_seed, config.sizes)
+  heldout = [tasks.embedded_heldout_task(t) for t in sorted(embedded.HELDOUT_TASKS)]
+  length = dict(inputs_length=config.inputs_length, targets_length=config.targets_length)
+  backbone_dir = pipeline.train_backbone(os.path.join(model_dir, "backbone"), preset("tiny"),
+                                         tasks.EMBEDDED_TRAIN, config.train_config("backbone"))
+  results = {"zero_shot_backbone": _zero_shot(backbone_dir, heldout, length)}
+  for method in config.methods:
+    method_dir = os.path.join(model_dir, method)
+    _, adapter_dir = pipeline.pretrain_adapters(method_dir, backbone_dir, METHODS[method],
+                                                tasks.EMBEDDED_TRAIN, config.train_config("pretrain"))
+    results[method] = {"accuracy": {}, "adaptation_params": None}
+    for task in heldout:
+      for seed in config.seeds:
+        model, params, task_id = pipeline.adapt(
+            os.path.join(method_dir, "adapt", f"{task}_seed{seed}"), backbone_dir, adapter_dir,
+            task, config.shots, seed, config.train_config("adapt"))
+        results[method]["accuracy"].setdefault(task, {})[str(seed)] = pipeline.evaluate_task(
+            model, params, task, task_id, **length)
+    results[method]["adaptation_params"] = _count(split_params(params)[0])
+  evaluation = {"config": dataclasses.asdict(config), "results": results,
+                "seconds": round(time.time() - started, 1)}
+  with open(os.path.join(model_dir, EVALUATION_FILE), "w") as f:
+    json.dump(evaluation, f, indent=2)
+  return write_report(model_dir, os.path.join(model_dir, EVALUATION_FILE))
+
+
+def _zero_shot(backbone_dir, heldout, length):
+  """The backbone alone, before any adaptation (a held-out task's name is new to it)."""
+  from tensorpoly_jax.t5 import convert
+  from tensorpoly_jax.t5.model import EncoderDecoder
+
+  config, params = convert.load_converted(backbone_dir)
+  model = EncoderDecoder(config)
+  accuracy = {t: {"-": pipeline.evaluate_task(model, params, t, None, **length)} for t in heldout}
+  return {"accuracy": accuracy, "adaptation_params": 0}

@@ -1,0 +1,79 @@
+"""optax optimizers with one learning rate per parameter group; the frozen backbone gets none.
+
+Groups: ``router`` (skill logits), ``lora`` (``lora_a``/``lora_b`` of LoRA, Poly, MHR), ``leaf``
+(tensor leaves and pair norms), ``backbone`` (only when the backbone itself trains). The reference
+gave only params named ``lora*`` the adapter rate, so its tensor leaves trained at the base rate:
+``leaf_learning_rate=None`` keeps that, and setting it makes the choice explicit.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import optax
+from flax import traverse_util
+from flax.core import unfreeze
+
+OPTIMIZERS = ("adafactor", "adamw")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  name: str = "adafactor"
+  learning_rate: float = 3e-4
+  adapter_learning_rate: float = 1e-3
+  leaf_learning_rate: float | None = None
+  router_learning_rate: float = 0.1
+  warmup_fraction: float = 0.06
+  grad_clip: float = 1.0
+  weight_decay: float = 0.0
+
+  def __post_init__(self):
+    if self.name not in OPTIMIZERS:
+      raise ValueError(f"optimizer {self.name!r} is unknown; choose one of {OPTIMIZERS}.")
+    if not 0.0 <= self.warmup_fraction < 1.0:
+      raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}.")
+    rates = (self.learning_rate, self.adapter_learning_rate, self.router_learning_rate,
+             self.leaf_learning_rate or self.learning_rate)
+    if min(rates) <= 0:
+      raise ValueError(f"learning rates must be > 0, got {rates}.")
+
+  def rates(self) -> dict[str, float]:
+    return {"router": self.router_learning_rate, "lora": self.adapter_learning_rate,
+            "leaf": self.leaf_learning_rate or self.learning_rate, "backbone": self.learning_rate}
+
+
+def param_group(path: tuple[str, ...]) -> str:
+  if "adapter" not in path and "shared_router" not in path:
+    return "backbone"
+  if path[-1] == "skill_logits":
+    return "router"
+  return "lora" if path[-1].startswith("lora") else "leaf"
+
+
+def group_labels(params):
+  flat = traverse_util.flatten_dict(unfreeze(params))
+  return traverse_util.unflatten_dict({path: param_group(path) for path in flat})
+
+
+def schedule(peak: float, total_steps: int, warmup_fraction: float):
+  """Linear warmup over ``warmup_fraction`` of the steps, then linear decay to 0."""
+  warmup = max(1, int(round(warmup_fraction * total_steps)))
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, peak, warmup),
+       optax.linear_schedule(peak, 0.0, max(1, total_steps - warmup))], [warmup])
+
+
+def make_optimizer(config: OptimizerConfig, params, total_steps: int):
+  """Grad-norm clipping, then the chosen optimizer with each group's scheduled rate."""
+  def inner(rate):
+    lr = schedule(rate, total_steps, config.warmup_fraction)
+    if config.name == "adafactor":
+      return optax.adafactor(lr, multiply_by_parameter_scale=False, clipping_threshold=None,
+                             weight_decay_rate=config.weight_decay or None)
+    return optax.adamw(lr, weight_decay=config.weight_decay)
+
+  labels = group_labels(params)
+  used = set(traverse_util.flatten_dict(labels).values())
+  transforms = {group: inner(rate) for group, rate in config.rates().items() if group in used}
+  return optax.chain(optax.clip_by_global_norm(config.grad_clip),
+                     optax.multi_transform(transforms, labels))

@@ -1,0 +1,145 @@
+"""The paper's pipeline as stages over one model directory: backbone training (the embedded
+suite's stand-in for T0), multi-task adapter pretraining, few-shot adaptation of a held-out task
+with a fresh router row, and rank-classification evaluation."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from flax.core import unfreeze
+
+from tensorpoly_jax import checkpoints, evaluation, trainer
+from tensorpoly_jax.data import batches, choices, fewshot, tasks
+from tensorpoly_jax.methods import AdapterConfig
+from tensorpoly_jax.routing import LOGIT_INIT_RANGE
+from tensorpoly_jax.t5 import convert
+from tensorpoly_jax.t5.model import (EncoderDecoder, T5Config, config_to_dict, merge_params,
+                                     split_params)
+
+
+@functools.lru_cache(maxsize=32)
+def abstract_variables(model: EncoderDecoder):
+  """Shapes and logical axes of every variable, with no memory allocated (cached per model)."""
+  tokens = jnp.ones((1, 4), jnp.int32)
+  return jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), tokens, tokens, tokens, enable_dropout=False,
+      task_ids=jnp.zeros((1,), jnp.int32)))
+
+
+def init_params(model: EncoderDecoder, seed: int, adapters_only: bool):
+  """Fresh params; with ``adapters_only`` jit drops the backbone's initializers entirely."""
+  tokens = jnp.ones((1, 4), jnp.int32)
+
+  def init(rng):
+    params = model.init(rng, tokens, tokens, tokens, enable_dropout=False,
+                        task_ids=jnp.zeros((1,), jnp.int32))["params"]
+    return split_params(params)[0] if adapters_only else params
+
+  return jax.jit(init)(jax.random.PRNGKey(seed))
+
+
+def run_meta(stage: str, config: T5Config, routing_ids: dict[str, int]) -> dict:
+  adapter = None if config.adapter is None else dataclasses.asdict(config.adapter)
+  return {"stage": stage, "model": config_to_dict(config), "adapter": adapter,
+          "routing_ids": routing_ids}
+
+
+def local_batch_size(global_batch: int) -> int:
+  processes = jax.process_count()
+  if global_batch % processes:
+    raise ValueError(f"batch_size={global_batch} must be divisible by the {processes} processes.")
+  return global_batch // processes
+
+
+def _shard_info():
+  import seqio
+
+  return seqio.ShardInfo(jax.process_index(), jax.process_count())
+
+
+def train_backbone(model_dir: str, config: T5Config, mixture: str, train: trainer.TrainConfig) -> str:
+  """Trains the whole backbone on a mixture (the embedded suite's stand-in for T0 pretraining)
+  and writes it where adapter runs read backbones from; returns that folder."""
+  config = config.replace(adapter=None)
+  model = EncoderDecoder(config)
+  train = dataclasses.replace(train, train_backbone=True)
+  stream = lambda start: batches.lm_batches(
+      mixture, local_batch_size(train.batch_size), train.inputs_length, train.targets_length,
+      train.seed, start, _shard_info())
+  result = trainer.train(model, init_params(model, train.seed, adapters_only=False), stream, train,
+                         os.path.join(model_dir, "run"), run_meta("backbone", config, {}),
+                         abstract_variables(model), description="backbone")
+  output = os.path.join(model_dir, "backbone")
+  if jax.process_index() == 0:
+    convert.save_converted(output, config, jax.device_get(result.params))
+  return output
+
+
+def pretrain_adapters(model_dir: str, backbone_dir: str, adapter: AdapterConfig, mixture: str,
+                      train: trainer.TrainConfig, dtype=jnp.float32):
+  """Multi-task adapter pretraining: every mixture task is a routing task. Exports the adapter."""
+  routing_ids = tasks.routing_ids(tasks.mixture_task_names(mixture))
+  backbone_config, backbone = convert.load_converted(backbone_dir)
+  config = backbone_config.replace(dtype=dtype, adapter=dataclasses.replace(
+      adapter, n_tasks=len(routing_ids)))
+  model = EncoderDecoder(config)
+  params = merge_params(init_params(model, train.seed, adapters_only=True), backbone)
+  stream = lambda start: batches.lm_batches(
+      mixture, local_batch_size(train.batch_size), train.inputs_length, train.targets_length,
+      train.seed, start, _shard_info())
+  meta = run_meta("pretrain", config, routing_ids)
+  result = trainer.train(model, params, stream, train, os.path.join(model_dir, "run"), meta,
+                         abstract_variables(model), description=f"pretrain {adapter.method}")
+  export = os.path.join(model_dir, "adapter")
+  if jax.process_index() == 0:
+    checkpoints.export_adapter(export, split_params(result.params)[0], meta)
+  return result, export
+
+
+def add_router_row(adapter_params, seed: int):
+  """Appends one fresh task row (uniform ±1e-3, as at init) to every router's skill logits."""
+  flat = traverse_util.flatten_dict(unfreeze(adapter_params))
+  rng = np.random.default_rng(seed)
+  for path, value in flat.items():
+    if path[-1] == "skill_logits":
+      row = rng.uniform(-LOGIT_INIT_RANGE, LOGIT_INIT_RANGE, (1, *value.shape[1:]))
+      flat[path] = np.concatenate([np.asarray(value), row.astype(np.float32)], axis=0)
+  return traverse_util.unflatten_dict(flat)
+
+
+def adapt(model_dir: str, backbone_dir: str, adapter_dir: str, task_name: str, k: int,
+          seed: int, train: trainer.TrainConfig, dtype=jnp.float32):
+  """Few-shot adaptation of a held-out task from a pretrained adapter, with a new router row.
+
+  Returns ``(model, params, task_id)``; the task is routed with id ``T`` (after the T
+  pretraining tasks)."""
+  adapter_params, meta = checkpoints.load_adapter(adapter_dir)
+  routing_ids = dict(meta["routing_ids"])
+  task_id = len(routing_ids)
+  routing_ids[task_name] = task_id
+  backbone_config, backbone = convert.load_converted(backbone_dir)
+  adapter = AdapterConfig(**{**meta["adapter"], "n_tasks": task_id + 1})
+  config = backbone_config.replace(dtype=dtype, adapter=adapter)
+  model = EncoderDecoder(config)
+  params = merge_params(add_router_row(adapter_params, seed), backbone)
+  shots = fewshot.register_fewshot(task_name, k, seed)
+  arrays = choices.choice_arrays(shots, "train", train.inputs_length, train.targets_length)
+  train = dataclasses.replace(train, loss="tfew", seed=seed)
+  stream = lambda start: batches.choice_batches(arrays, local_batch_size(train.batch_size),
+                                                seed, start, task_id)
+  result = trainer.train(model, params, stream, train, model_dir,
+                         run_meta(f"adapt {task_name} k={k} seed={seed}", config, routing_ids),
+                         abstract_variables(model), description=f"adapt {task_name} s{seed}")
+  return model, result.params, task_id
+
+
+def evaluate_task(model: EncoderDecoder, params, task_name: str, task_id: int | None,
+                  inputs_length: int, targets_length: int, split: str = "validation",
+                  batch_size: int = 32, length_normalize: bool = True) -> float:
+  arrays = choices.choice_arrays(task_name, split, inputs_length, targets_length)
+  return evaluation.accuracy(model, params, arrays, task_id, batch_size, length_normalize)

@@ -1,0 +1,213 @@
+"""The training loop: jitted, sharded steps over a ``('data', 'model')`` mesh, orbax checkpoints
+every K steps with resume, a NaN stop that keeps the last good checkpoint, and metrics.
+
+Only the trained params (adapters and routers, or the whole backbone in the backbone stage) are
+in the train state and the optimizer; the frozen backbone is a separate, never-updated input.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import os
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from tensorpoly_jax import checkpoints, losses, partitioning
+from tensorpoly_jax.metrics import MetricLogger
+from tensorpoly_jax.optimizers import OptimizerConfig, make_optimizer
+from tensorpoly_jax.t5 import scoring
+from tensorpoly_jax.t5.model import EncoderDecoder, merge_params, split_params
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 1000
+  batch_size: int = 8
+  inputs_length: int = 256
+  targets_length: int = 256
+  loss: str = "lm"  # "lm": seqio LM batches; "tfew": answer-choice batches with T-Few's losses
+  tfew_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # lm, unlikelihood, mc
+  train_backbone: bool = False
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3
+  log_every: int = 50
+  seed: int = 0
+  model_parallel: int = 1
+  num_devices: int = 0  # the mesh's devices: 0 = all of them
+  optimizer: OptimizerConfig = OptimizerConfig()
+
+  def __post_init__(self):
+    for name in ("steps", "batch_size", "inputs_length", "targets_length", "checkpoint_every",
+                 "keep_checkpoints", "log_every", "model_parallel"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
+    if self.loss not in losses.LOSS_MODES:
+      raise ValueError(f"loss {self.loss!r} is unknown; choose one of {losses.LOSS_MODES}.")
+
+
+@struct.dataclass
+class TrainState:
+  step: jnp.ndarray
+  params: Any
+  opt_state: Any
+  rng: jnp.ndarray
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss stopped being finite; the last good checkpoint is kept."""
+
+
+def _loss_fn(model: EncoderDecoder, mode: str, tfew_weights):
+  def lm(params, batch, rngs):
+    logits = model.apply({"params": params}, batch["encoder_input_tokens"],
+                         batch["decoder_input_tokens"], batch["decoder_target_tokens"],
+                         enable_dropout=True, task_ids=batch.get("task_ids"), rngs=rngs)
+    loss = losses.lm_loss(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"])
+    return loss, {"loss": loss}
+
+  def tfew(params, batch, rngs):
+    choices = batch["choice_tokens"]
+    b, c, _ = choices.shape
+    task_ids = batch.get("task_ids")
+    encoded = model.apply({"params": params}, batch["encoder_input_tokens"], enable_dropout=True,
+                          task_ids=task_ids, rngs=rngs, method=EncoderDecoder.encode)
+    repeat = lambda x: None if x is None else jnp.repeat(x, c, axis=0)
+    flat = choices.reshape(b * c, -1)
+    logits = model.apply({"params": params}, repeat(encoded),
+                         repeat(batch["encoder_input_tokens"]), scoring.shift_right(flat), flat,
+                         enable_dropout=True, task_ids=repeat(task_ids), rngs=rngs,
+                         method=EncoderDecoder.decode)
+    token_ll = scoring.token_log_likelihoods(logits, flat).reshape(choices.shape)
+    parts = losses.tfew_losses(token_ll, choices, batch["label"])
+    loss = sum(w * parts[k] for w, k in zip(tfew_weights, ("lm", "unlikelihood", "mc")))
+    return loss, {"loss": loss, **parts}
+
+  return {"lm": lm, "tfew": tfew}[mode]
+
+
+def make_train_step(model: EncoderDecoder, optimizer, mode: str, tfew_weights=(1.0, 1.0, 1.0)):
+  loss_fn = _loss_fn(model, mode, tfew_weights)
+
+  def step(state: TrainState, frozen, batch):
+    rng, dropout_rng, routing_rng = jax.random.split(state.rng, 3)
+    rngs = {"dropout": dropout_rng, "routing": routing_rng}
+    grad_fn = jax.value_and_grad(lambda p: loss_fn(merge_params(p, frozen), batch, rngs),
+                                 has_aux=True)
+    (_, metrics), grads = grad_fn(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
+    return TrainState(state.step + 1, params, opt_state, rng), metrics
+
+  return step
+
+
+@dataclasses.dataclass
+class TrainResult:
+  params: Any  # the full param tree after training (frozen backbone + trained params)
+  history: list[dict]
+  resumed_from: int
+  state: TrainState  # the final sharded train state
+
+
+def train(model: EncoderDecoder, params, batches: Callable[[int], Iterator[dict]],
+          config: TrainConfig, model_dir: str, meta: dict, abstract_variables,
+          description: str = "train") -> TrainResult:
+  """Trains from the latest checkpoint in ``model_dir`` (or from ``params``) to ``config.steps``.
+
+  ``batches(start_step)`` yields this process's numpy batches from that step on;
+  ``abstract_variables`` (``jax.eval_shape`` of ``model.init``) carries the logical axes.
+  """
+  devices = jax.devices()[:config.num_devices] if config.num_devices else None
+  mesh = partitioning.make_mesh(config.model_parallel, devices)
+  if config.batch_size % mesh.shape["data"]:
+    raise ValueError(
+        f"batch_size={config.batch_size} must be divisible by the mesh's data axis"
+        f" ({mesh.shape['data']} = {mesh.devices.size} devices / model_parallel"
+        f" {config.model_parallel}); set BATCH_SIZE to a multiple of {mesh.shape['data']}.")
+  shardings = partitioning.param_shardings(abstract_variables, mesh)
+  if config.train_backbone:
+    trainable, frozen, trainable_shardings, frozen_shardings = params, {}, shardings, {}
+  else:
+    trainable, frozen = split_params(params)
+    trainable_shardings, frozen_shardings = split_params(shardings)
+  shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
+  init_fn, step_fn = _compiled(model, dataclasses.replace(config, seed=0), mesh,
+                               _Layout(shapes, trainable_shardings, frozen_shardings))
+  frozen = jax.device_put(frozen, frozen_shardings)
+  state = init_fn(jax.device_put(trainable, trainable_shardings), jax.random.PRNGKey(config.seed))
+  mngr = checkpoints.manager(os.path.join(model_dir, "checkpoints"), config.keep_checkpoints)
+  with contextlib.closing(mngr):
+    restored, start = checkpoints.restore_latest(mngr, checkpoints.abstract(state), meta)
+    state = restored if restored is not None else state
+    state, history = _loop(state, frozen, step_fn, batches(start), mesh, start, config, mngr,
+                           meta, model_dir, description)
+  return TrainResult(merge_params(state.params, frozen), history, start, state)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Layout:
+  """Shapes and shardings of the trained and frozen params, hashable by value, so that runs of
+  one shape (a method's few-shot runs over tasks and seeds) share one compiled step."""
+
+  trainable_shapes: Any
+  trainable_shardings: Any
+  frozen_shardings: Any
+
+  def _leaves(self):
+    return jax.tree_util.tree_flatten(
+        (self.trainable_shapes, self.trainable_shardings, self.frozen_shardings))
+
+  def __hash__(self):
+    leaves, treedef = self._leaves()
+    return hash((treedef, tuple(leaves)))
+
+  def __eq__(self, other):
+    return isinstance(other, _Layout) and self._leaves() == other._leaves()
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(model: EncoderDecoder, config: TrainConfig, mesh, layout: _Layout):
+  """Jitted state initializer and train step, with the state sharded by the logical rules."""
+  optimizer = make_optimizer(config.optimizer, layout.trainable_shapes, config.steps)
+  replicated = partitioning.replicated(mesh)
+  opt_shapes = jax.eval_shape(optimizer.init, layout.trainable_shapes)
+  opt_shardings = partitioning.state_shardings(opt_shapes, layout.trainable_shapes,
+                                               layout.trainable_shardings, mesh)
+  shardings = TrainState(replicated, layout.trainable_shardings, opt_shardings, replicated)
+  init = jax.jit(lambda params, rng: TrainState(jnp.asarray(0, jnp.int32), params,
+                                                optimizer.init(params), rng),
+                 out_shardings=shardings)
+  step = jax.jit(make_train_step(model, optimizer, config.loss, config.tfew_weights),
+                 in_shardings=(shardings, layout.frozen_shardings, None),
+                 out_shardings=(shardings, replicated), donate_argnums=(0,))
+  return init, step
+
+
+def _loop(state, frozen, step_fn, batches, mesh, start, config, mngr, meta, model_dir,
+          description):
+  """Runs steps ``start+1..config.steps``; returns the final state and the logged metrics."""
+  history = []
+  last_saved = mngr.latest_step()
+  with MetricLogger(model_dir, description, start, config.steps) as logger:
+    for step in range(start + 1, config.steps + 1):
+      state, metrics = step_fn(state, frozen, partitioning.shard_batch(next(batches), mesh))
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if not math.isfinite(metrics["loss"]):
+        kept = f"checkpoint step {last_saved} in {mngr.directory}" if last_saved else "no checkpoint"
+        raise TrainingDiverged(
+            f"loss became {metrics['loss']} at step {step}; stopped without saving it ({kept} is"
+            " the last good state). Lower the learning rate or check the data.")
+      logger.step(step, metrics, log=step % config.log_every == 0 or step == config.steps)
+      if step % config.log_every == 0 or step == config.steps:
+        history.append({"step": step, **metrics})
+      if step % config.checkpoint_every == 0 or step == config.steps:
+        checkpoints.save(mngr, step, state, {**meta, "data_position": step})
+        last_saved = step
+  return state, history

@@ -1,0 +1,50 @@
+"""The T5X-style commands on the embedded suite, at toy sizes: train -> adapt -> eval -> sweep."""
+import json
+
+import pytest
+
+from tensorpoly_jax import cli
+
+pytestmark = pytest.mark.slow
+DATA = "--gin_file=runs/data_embedded.gin"
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+  model_dir = tmp_path_factory.mktemp("bb")
+  assert cli.main(["train", "--gin_file=models/tiny.gin", DATA, "--gin_file=runs/backbone.gin",
+                   f"--model_dir={model_dir}", "--gin.TRAIN_STEPS=10", "--gin.BATCH_SIZE=8"]) == 0
+  return model_dir / "backbone"
+
+
+def test_pretrain_adapt_eval_commands(backbone, tmp_path):
+  common = [DATA, f"--model_dir={tmp_path}", f"--gin.BACKBONE_DIR='{backbone}'"]
+  assert cli.main(["train", "--gin_file=adapters/tensorpoly_i.gin", "--gin_file=runs/pretrain.gin",
+                   *common, "--gin.TRAIN_STEPS=4", "--gin.LORA_RANK=2", "--gin.TENSOR_RANK=3",
+                   "--gin.BATCH_SIZE=8"]) == 0
+  assert (tmp_path / "adapter" / "adapter.safetensors").exists()
+  assert cli.main(["adapt", "--gin_file=runs/adapt.gin", *common,
+                   f"--gin.ADAPTER_DIR='{tmp_path / 'adapter'}'", "--gin.ADAPT_STEPS=2",
+                   "--gin.HELDOUT=['embedded__yew', 'embedded_heldout']",  # a mixture expands
+                   "--gin.NUM_SHOTS=8", "--gin.SEEDS=(1,)", "--gin.BATCH_SIZE=8"]) == 0
+  results = json.loads((tmp_path / "adapt_results.json").read_text())
+  assert list(results["accuracy"]) == [f"embedded__{t}" for t in ("yew", "aspen", "rowan", "willow")]
+  assert all(set(seeds) == {"1"} for seeds in results["accuracy"].values())
+  adapted = tmp_path / "adapt" / "embedded__yew_seed1" / "adapter"
+  assert cli.main(["eval", "--gin_file=runs/eval.gin", *common, "--gin.HELDOUT='embedded__yew'",
+                   f"--gin.ADAPTER_DIR='{adapted}'"]) == 0
+  evaluated = json.loads((tmp_path / "eval_results.json").read_text())["accuracy"]
+  assert evaluated["embedded__yew"] == pytest.approx(results["accuracy"]["embedded__yew"]["1"])
+
+
+def test_sweep_over_a_grid_of_macros(backbone, tmp_path):
+  assert cli.main(["sweep", "--gin_file=adapters/lora.gin", DATA, "--gin_file=runs/sweep.gin",
+                   f"--model_dir={tmp_path}", f"--gin.BACKBONE_DIR='{backbone}'",
+                   "--gin.PRETRAIN_STEPS=2", "--gin.ADAPT_STEPS=1", "--gin.SEEDS=(0,)",
+                   "--gin.NUM_SHOTS=8", "--gin.HELDOUT='embedded__rowan'", "--gin.BATCH_SIZE=8",
+                   "--sweep", "LORA_RANK=1,2"]) == 0
+  rows = json.loads((tmp_path / "sweep_results.json").read_text())
+  assert [r["point"] for r in rows] == [{"LORA_RANK": "1"}, {"LORA_RANK": "2"}]
+  assert rows[1]["adaptation_params"] == 2 * rows[0]["adaptation_params"]  # r (d_in + d_out)
+  assert (tmp_path / "LORA_RANK=2" / "adapt_results.json").exists()
+  assert (tmp_path / "sweep.png").exists()
