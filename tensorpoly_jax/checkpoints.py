@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import warnings
 
 import jax
 import numpy as np
@@ -36,16 +38,48 @@ def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
   mngr.wait_until_finished()
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state, meta: dict):
-  """``(state, step)`` from the newest checkpoint, or ``(None, 0)`` when there is none."""
-  step = mngr.latest_step()
-  if step is None:
-    return None, 0
-  saved_meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  check_meta(saved_meta, meta, os.path.join(str(mngr.directory), str(step)))
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state)))
-  return restored["state"], step
+def restore_latest(directory: str, keep: int, abstract_state, meta: dict):
+  """``(manager, state, step)`` from the newest readable checkpoint (``(manager, None, 0)`` if
+  there is none).
+
+  An unreadable checkpoint (half-written, truncated) is moved aside to
+  ``<directory>_corrupt/<step>`` with a warning naming it, never deleted or overwritten, and the
+  previous one is tried. A readable checkpoint of another configuration raises
+  CheckpointMismatchError before any step runs.
+  """
+  while True:
+    mngr = manager(directory, keep)
+    step = mngr.latest_step()
+    if step is None:
+      return mngr, None, 0
+    where = os.path.join(str(mngr.directory), str(step))
+    try:
+      saved_meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      check_meta(saved_meta, meta, where)
+      restored = mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state)))
+      return mngr, restored["state"], step
+    except CheckpointMismatchError:
+      mngr.close()
+      raise
+    except Exception as err:  # orbax/tensorstore raise many types for damaged files
+      mngr.close()
+      moved = quarantine(directory, step)
+      warnings.warn(f"checkpoint {where} is unreadable ({type(err).__name__}: {err}); moved it to"
+                    f" {moved} and falling back to the previous checkpoint.", RuntimeWarning)
+
+
+def quarantine(directory: str, step: int) -> str:
+  """Moves checkpoint ``step`` out of the manager's sight, keeping every byte of it."""
+  target_root = os.path.abspath(directory) + "_corrupt"
+  os.makedirs(target_root, exist_ok=True)
+  target = os.path.join(target_root, f"{step}")
+  suffix = 1
+  while os.path.exists(target):
+    target = os.path.join(target_root, f"{step}.{suffix}")
+    suffix += 1
+  shutil.move(os.path.join(os.path.abspath(directory), str(step)), target)
+  return target
 
 
 def check_meta(saved: dict, expected: dict, where: str) -> None:
@@ -69,10 +103,16 @@ def abstract(tree):
   return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def export_adapter(directory: str, adapter_params, meta: dict) -> str:
-  """Writes only the adapter and router params (safetensors) and their config (JSON)."""
+def export_adapter(model_dir: str, name: str, adapter_params, meta: dict) -> str:
+  """Writes only the adapter and router params (safetensors) and their config (JSON) to
+  ``model_dir/name``, refusing a path (``..``, a symlink) that resolves outside ``model_dir``."""
   from safetensors.numpy import save_file
 
+  directory = os.path.join(model_dir, name)
+  root = os.path.realpath(model_dir)
+  if os.path.commonpath([root, os.path.realpath(directory)]) != root:
+    raise ValueError(f"adapter export {directory!r} resolves to {os.path.realpath(directory)!r},"
+                     f" outside model_dir {root!r}; exports stay inside the model directory.")
   os.makedirs(directory, exist_ok=True)
   flat = traverse_util.flatten_dict(unfreeze(adapter_params))
   save_file({"/".join(k): np.asarray(jax.device_get(v)) for k, v in flat.items()},
@@ -80,6 +120,19 @@ def export_adapter(directory: str, adapter_params, meta: dict) -> str:
   with open(os.path.join(directory, ADAPTER_META), "w") as f:
     json.dump(meta, f, indent=2, sort_keys=True)
   return directory
+
+
+def check_writable(model_dir: str) -> None:
+  """Fails before any work when ``model_dir`` cannot hold checkpoints."""
+  try:
+    os.makedirs(model_dir, exist_ok=True)
+    probe = os.path.join(model_dir, ".write_probe")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as err:
+    raise ValueError(f"model_dir {model_dir!r} is not writable ({err.strerror}); choose another"
+                     " --model_dir.") from err
 
 
 def load_adapter(directory: str) -> tuple[dict, dict]:

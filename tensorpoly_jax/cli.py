@@ -154,13 +154,19 @@ def _gin_flags(command) -> None:
 
 
 def main(argv=None) -> int:
+  from tensorpoly_jax.trainer import Preempted
+
   parser = build_parser()
   args, rest = parser.parse_known_args(argv)
   if rest and not getattr(args, "takes_gin", False):
     parser.error(f"unrecognized arguments: {' '.join(rest)}")
-  if getattr(args, "takes_gin", False):
-    return args.run(args, rest)
-  return args.run(args)
+  try:
+    if getattr(args, "takes_gin", False):
+      return args.run(args, rest)
+    return args.run(args)
+  except Preempted as notice:  # a clean stop: the checkpoint is written
+    print(f"tensorpoly: {notice}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def adapt(model_dir: str, backbone_dir: str, adapter_dir: str, heldout, train_co
                                         length_normalize=length_normalize)
       results.setdefault(task, {})[str(seed)] = accuracy
       if jax.process_index() == 0:
-        checkpoints.export_adapter(os.path.join(run_dir, "adapter"), split_params(params)[0],
+        checkpoints.export_adapter(run_dir, "adapter", split_params(params)[0],
                                    {"task": task, "task_id": task_id, "seed": seed,
                                     "adapter": model.config.adapter.__dict__})
   summary = {task: evaluation.summarize(list(by_seed.values())) for task, by_seed in results.items()}

@@ -97,7 +97,7 @@ def pretrain_adapters(model_dir: str, backbone_dir: str, adapter: AdapterConfig,
                          abstract_variables(model), description=f"pretrain {adapter.method}")
   export = os.path.join(model_dir, "adapter")
   if jax.process_index() == 0:
-    checkpoints.export_adapter(export, split_params(result.params)[0], meta)
+    checkpoints.export_adapter(model_dir, "adapter", split_params(result.params)[0], meta)
   return result, export
 
 

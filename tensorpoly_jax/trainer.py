@@ -11,6 +11,8 @@ import dataclasses
 import functools
 import math
 import os
+import signal
+import threading
 from typing import Any, Callable, Iterator
 
 import jax
@@ -124,6 +126,7 @@ def train(model: EncoderDecoder, params, batches: Callable[[int], Iterator[dict]
   ``batches(start_step)`` yields this process's numpy batches from that step on;
   ``abstract_variables`` (``jax.eval_shape`` of ``model.init``) carries the logical axes.
   """
+  checkpoints.check_writable(model_dir)
   devices = jax.devices()[:config.num_devices] if config.num_devices else None
   mesh = partitioning.make_mesh(config.model_parallel, devices)
   if config.batch_size % mesh.shape["data"]:
@@ -142,9 +145,10 @@ def train(model: EncoderDecoder, params, batches: Callable[[int], Iterator[dict]
                                _Layout(shapes, trainable_shardings, frozen_shardings))
   frozen = jax.device_put(frozen, frozen_shardings)
   state = init_fn(jax.device_put(trainable, trainable_shardings), jax.random.PRNGKey(config.seed))
-  mngr = checkpoints.manager(os.path.join(model_dir, "checkpoints"), config.keep_checkpoints)
+  mngr, restored, start = checkpoints.restore_latest(
+      os.path.join(model_dir, "checkpoints"), config.keep_checkpoints,
+      checkpoints.abstract(state), meta)
   with contextlib.closing(mngr):
-    restored, start = checkpoints.restore_latest(mngr, checkpoints.abstract(state), meta)
     state = restored if restored is not None else state
     state, history = _loop(state, frozen, step_fn, batches(start), mesh, start, config, mngr,
                            meta, model_dir, description)
@@ -195,7 +199,8 @@ def _loop(state, frozen, step_fn, batches, mesh, start, config, mngr, meta, mode
   """Runs steps ``start+1..config.steps``; returns the final state and the logged metrics."""
   history = []
   last_saved = mngr.latest_step()
-  with MetricLogger(model_dir, description, start, config.steps) as logger:
+  with MetricLogger(model_dir, description, start, config.steps) as logger, \
+      _PreemptionNotice() as preemption:
     for step in range(start + 1, config.steps + 1):
       state, metrics = step_fn(state, frozen, partitioning.shard_batch(next(batches), mesh))
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -207,7 +212,35 @@ def _loop(state, frozen, step_fn, batches, mesh, start, config, mngr, meta, mode
       logger.step(step, metrics, log=step % config.log_every == 0 or step == config.steps)
       if step % config.log_every == 0 or step == config.steps:
         history.append({"step": step, **metrics})
-      if step % config.checkpoint_every == 0 or step == config.steps:
+      if step % config.checkpoint_every == 0 or step == config.steps or preemption.received:
         checkpoints.save(mngr, step, state, {**meta, "data_position": step})
         last_saved = step
+      if preemption.received:
+        raise Preempted(f"SIGTERM received: saved checkpoint step {step} in {mngr.directory};"
+                        " run the same command again to resume from it.")
   return state, history
+
+
+class Preempted(Exception):
+  """Training stopped on SIGTERM (a TPU preemption notice) after saving a checkpoint."""
+
+
+class _PreemptionNotice:
+  """Notes SIGTERM so the loop can checkpoint at the next step boundary and stop cleanly."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.received = True
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)

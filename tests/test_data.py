@@ -79,6 +79,7 @@ ROWS = {
 def test_promptsource_template_on_a_real_schema_row(key):
   dataset, subset, template = key
   row, inputs, choices, label = ROWS[key]
+  row = datasets.Dataset.from_list([row])[0]  # through a datasets.Dataset of the real schema
   prompted = prompts.apply(prompts.dataset_templates(dataset, subset)[template], row)
   assert prompted == prompts.Prompted(inputs, choices[label], choices, label)
 

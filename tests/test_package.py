@@ -41,3 +41,14 @@ def test_layer_modules_import_only_jax_and_flax():
       assert roots <= ALLOWED_ROOTS, f"{name} imports {roots - ALLOWED_ROOTS}"
       if "tensorpoly_jax" in roots and isinstance(node, ast.ImportFrom):
         assert not re.match(r"tensorpoly_jax\.(data|trainer|evaluation|cli)", node.module), name
+
+
+def test_adapter_layer_benchmark_runs_quick(tmp_path):
+  out = tmp_path / "bench.json"
+  subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adapter_layer.py"), "--quick",
+                  "--output", str(out)], check=True, capture_output=True)
+  import json
+
+  rows = json.loads(out.read_text())["rows"]
+  assert set(rows) == {"frozen", "lora", "tlora", "poly", "mhr", "tensorpoly_i", "tensorpoly_ii"}
+  assert all(row["seconds"] > 0 for row in rows.values())

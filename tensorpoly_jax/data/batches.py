@@ -21,7 +21,10 @@ def lm_batches(name: str, batch_size: int, inputs_length: int, targets_length: i
   ds = tasks.get_dataset(name, inputs_length, targets_length, split="train", shuffle=True,
                          seed=seed, shard_info=shard_info, num_epochs=None)
   ds = ds.batch(batch_size, drop_remainder=True).skip(start_step).prefetch(2)
-  for batch in ds.as_numpy_iterator():
+  for step, batch in enumerate(ds.as_numpy_iterator()):
+    if step == 0 and (batch["decoder_target_tokens"][:, -1] > 1).all():
+      raise ValueError(f"targets_length={targets_length} cuts every target of the first batch of"
+                       f" {name!r} (none ends within it); raise TARGETS_LENGTH.")
     batch["task_ids"] = batch.pop("task_id")[:, 0]
     yield batch
 

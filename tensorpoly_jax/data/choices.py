@@ -40,6 +40,9 @@ def _read(task_name: str, split: str, inputs_length: int, targets_length: int) -
     counts.append(count)
   if not inputs:
     raise ValueError(f"task {task_name!r} split {split!r} has no examples.")
+  if truncated == sum(counts):
+    raise ValueError(f"targets_length={targets_length} cuts every answer choice of {task_name!r}"
+                     f" ({split}); raise TARGETS_LENGTH.")
   width = max(counts)
   padded = np.zeros((len(inputs), width, targets_length), np.int32)
   for i, rows in enumerate(choices):

@@ -1,0 +1,95 @@
+"""Cost of one adapted dense layer against the frozen layer alone, measured in the same process.
+
+For each method: the median time of a jitted forward + backward (gradients for the adapter and
+router params and for the input, as inside a network) over an adapted ``DenseGeneral`` with a
+mixed-task batch, next to the same step for the frozen layer alone (gradient for the input).
+Prints a table and writes JSON. ``--quick`` is a smaller size for smoke tests.
+
+  python benchmarks/adapter_layer.py [--quick] [--output benchmarks/results/adapter_layer.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tensorpoly_jax.methods import AdapterConfig
+from tensorpoly_jax.t5.layers import DenseGeneral
+
+# The paper's settings: LoRA/Poly/MHR at r=1, tensor methods at r=16 (TLoRA[r=16] is N=2, R=1).
+METHODS = {
+    "lora": AdapterConfig("lora", lora_rank=1, targets=".*"),
+    "tlora": AdapterConfig("tlora", lora_rank=16, n_skills=1, order=2, targets=".*"),
+    "poly": AdapterConfig("poly", lora_rank=1, n_skills=8, targets=".*"),
+    "mhr": AdapterConfig("mhr", lora_rank=1, n_skills=8, n_splits=8, targets=".*"),
+    "tensorpoly_i": AdapterConfig("tensorpoly_i", lora_rank=16, n_skills=8, order=2, targets=".*"),
+    "tensorpoly_ii": AdapterConfig("tensorpoly_ii", lora_rank=16, n_skills=8, order=2, targets=".*"),
+}
+
+
+def median_seconds(fn, args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))  # compile and warm up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def step_for(layer, params, trainable_key):
+  def loss(trainable, x, task_ids):
+    merged = {**params, **({trainable_key: trainable} if trainable_key else {})}
+    return jnp.mean(jnp.square(layer.apply({"params": merged}, x, task_ids)))
+
+  return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
+def measure(batch, tokens, d_in, d_out, n_tasks, repeats):
+  x = jax.random.normal(jax.random.PRNGKey(0), (batch, tokens, d_in))
+  task_ids = jnp.arange(batch) % n_tasks
+  frozen = DenseGeneral(d_out, kernel_axes=("embed", "mlp"))
+  frozen_params = frozen.init(jax.random.PRNGKey(1), x)["params"]
+  baseline = median_seconds(step_for(frozen, frozen_params, None), ({}, x, task_ids), repeats)
+  rows = {"frozen": {"seconds": baseline, "ratio": 1.0, "adapter_params": 0}}
+  for name, config in METHODS.items():
+    config = AdapterConfig(**{**config.__dict__, "n_tasks": n_tasks})
+    layer = DenseGeneral(d_out, kernel_axes=("embed", "mlp"), adapter=config)
+    params = layer.init(jax.random.PRNGKey(1), x, task_ids)["params"]
+    seconds = median_seconds(step_for(layer, params, "adapter"), (params["adapter"], x, task_ids),
+                             repeats)
+    count = sum(v.size for v in jax.tree_util.tree_leaves(params["adapter"]))
+    rows[name] = {"seconds": seconds, "ratio": seconds / baseline, "adapter_params": int(count)}
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results",
+                                                      "adapter_layer.json"))
+  args = parser.parse_args()
+  # T5-v1.1-small's FFN input projection (512 -> 1024), batch 8 x 256 tokens, 8 tasks in a batch.
+  size = dict(batch=8, tokens=256, d_in=512, d_out=1024, n_tasks=8, repeats=30)
+  if args.quick:
+    size = dict(batch=4, tokens=32, d_in=64, d_out=128, n_tasks=4, repeats=5)
+  rows = measure(**size)
+  print(f"adapted DenseGeneral forward+backward, {size}, {jax.devices()[0].device_kind},"
+        f" {os.cpu_count()} cores")
+  print(f"{'method':<16}{'median ms':>12}{'x frozen':>10}{'params':>10}")
+  for name, row in rows.items():
+    print(f"{name:<16}{1e3 * row['seconds']:>12.3f}{row['ratio']:>10.2f}{row['adapter_params']:>10,}")
+  os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+  with open(args.output, "w") as f:
+    json.dump({"size": size, "device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
+               "machine": platform.machine(), "jax": jax.__version__, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
