@@ -97,7 +97,7 @@ def adapt(model_dir: str, backbone_dir: str, adapter_dir: str, heldout, train_co
   adapted = split_params(params)[0]
   payload = {"accuracy": results, "summary": summary,
              "mean_of_medians": float(np.mean([s["median"] for s in summary.values()])),
-             "adaptation_params": int(sum(x.size for x in jax.tree_util.tree_leaves(adapted)))}
+             "adaptation_params": pipeline.count_params(adapted)}
   _write_json(os.path.join(model_dir, "adapt_results.json"), payload)
   return payload
 

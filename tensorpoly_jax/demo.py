@@ -12,7 +12,6 @@ import json
 import os
 import time
 
-import jax
 
 from tensorpoly_jax import pipeline
 from tensorpoly_jax.data import embedded, tasks
@@ -69,10 +68,6 @@ class DemoConfig:
                        keep_checkpoints=1, log_every=max(1, steps // 10), optimizer=optimizer)
 
 
-def _count(tree) -> int:
-  return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
-
-
 def run(model_dir: str, config: DemoConfig = DemoConfig()) -> dict:
   """Runs every stage (resuming finished ones from ``model_dir``) and writes the report."""
   started = time.time()
@@ -94,7 +89,7 @@ def run(model_dir: str, config: DemoConfig = DemoConfig()) -> dict:
             task, config.shots, seed, config.train_config("adapt"))
         results[method]["accuracy"].setdefault(task, {})[str(seed)] = pipeline.evaluate_task(
             model, params, task, task_id, **length)
-    results[method]["adaptation_params"] = _count(split_params(params)[0])
+    results[method]["adaptation_params"] = pipeline.count_params(split_params(params)[0])
   evaluation = {"config": dataclasses.asdict(config), "results": results,
                 "seconds": round(time.time() - started, 1)}
   with open(os.path.join(model_dir, EVALUATION_FILE), "w") as f:

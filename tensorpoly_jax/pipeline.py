@@ -43,6 +43,10 @@ def init_params(model: EncoderDecoder, seed: int, adapters_only: bool):
   return jax.jit(init)(jax.random.PRNGKey(seed))
 
 
+def count_params(tree) -> int:
+  return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
+
+
 def run_meta(stage: str, config: T5Config, routing_ids: dict[str, int]) -> dict:
   adapter = None if config.adapter is None else dataclasses.asdict(config.adapter)
   return {"stage": stage, "model": config_to_dict(config), "adapter": adapter,

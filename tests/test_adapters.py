@@ -6,7 +6,6 @@ import torch
 from flax import traverse_util
 from flax.core import unfreeze
 
-from tensorpoly_jax import methods
 from tensorpoly_jax.methods import AdapterConfig
 from tensorpoly_jax.routing import Router
 from tensorpoly_jax.t5.layers import DenseGeneral
