@@ -144,3 +144,14 @@ def test_adapters_raise_only_documented_errors_and_stay_finite(
     assert "not divisible by n_splits" in str(err) or "outside [0," in str(err), err
     return
   assert np.isfinite(np.asarray(y)).all()
+
+
+@pytest.mark.parametrize("field,saved,run,expected", [
+    ("routing_ids", {"a": 0, "b": 1}, {"a": 1, "b": 0}, "a: checkpoint 0 vs run 1"),
+    ("model", {"emb_dim": 64}, {"emb_dim": 512}, "emb_dim: checkpoint 64 vs run 512"),
+    ("stage", "pretrain", "backbone", "checkpoint 'pretrain' vs run 'backbone'"),
+])
+def test_meta_mismatch_names_the_field(field, saved, run, expected):
+  base = {"model": {}, "adapter": None, "routing_ids": {}, "stage": "pretrain"}
+  with pytest.raises(checkpoints.CheckpointMismatchError, match=f"different '{field}': {expected}"):
+    checkpoints.check_meta({**base, field: saved}, {**base, field: run}, "ckpt/7")
