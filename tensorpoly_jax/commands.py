@@ -142,5 +142,3 @@ def convert(checkpoint_dir: str, output_dir: str, dtype: str = "float32",
                                                    progress=lambda name: bar.update(1))
   t5_convert.save_converted(output_dir, config, params)
   print(f"wrote {output_dir} ({t5_convert.CONVERTED_CONFIG}, {t5_convert.CONVERTED_PARAMS}/)")
-
-
