@@ -2,6 +2,7 @@
 with gin). Results go to JSON files in the model directory."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -92,7 +93,7 @@ def adapt(model_dir: str, backbone_dir: str, adapter_dir: str, heldout, train_co
       if jax.process_index() == 0:
         checkpoints.export_adapter(run_dir, "adapter", split_params(params)[0],
                                    {"task": task, "task_id": task_id, "seed": seed,
-                                    "adapter": model.config.adapter.__dict__})
+                                    "adapter": dataclasses.asdict(model.config.adapter)})
   summary = {task: evaluation.summarize(list(by_seed.values())) for task, by_seed in results.items()}
   adapted = split_params(params)[0]
   payload = {"accuracy": results, "summary": summary,
