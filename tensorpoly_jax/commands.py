@@ -7,26 +7,23 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tensorpoly_jax import checkpoints, evaluation, pipeline
 from tensorpoly_jax.data import tasks
 from tensorpoly_jax.methods import AdapterConfig
 from tensorpoly_jax.t5 import convert as t5_convert
-from tensorpoly_jax.t5.model import EncoderDecoder, T5Config, merge_params, preset, split_params
+from tensorpoly_jax.t5.model import (EncoderDecoder, T5Config, dtype_named, merge_params, preset,
+                                     split_params)
 from tensorpoly_jax.trainer import TrainConfig
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SUITES = ("embedded", "t0")
 
 
 def model_config(preset_name: str = "tiny", dtype: str = "float32", remat: bool = False,
                  dropout_rate: float = 0.0) -> T5Config:
   """A backbone from a preset (for training one from scratch)."""
-  if dtype not in DTYPES:
-    raise ValueError(f"dtype {dtype!r} is unknown; choose one of {sorted(DTYPES)}.")
-  return preset(preset_name, dtype=DTYPES[dtype], remat=remat, dropout_rate=dropout_rate)
+  return preset(preset_name, dtype=dtype_named(dtype), remat=remat, dropout_rate=dropout_rate)
 
 
 def data_setup(suite: str = "embedded", seed: int = 0, data_dir: str | None = None,
@@ -64,7 +61,7 @@ def train(model_dir: str, mixture: str, train_config: TrainConfig,
     raise ValueError("adapter training needs BACKBONE_DIR (a `tensorpoly convert` output or a"
                      " trained backbone).")
   _, export = pipeline.pretrain_adapters(model_dir, backbone_dir, adapter, mixture, train_config,
-                                         DTYPES[dtype])
+                                         dtype_named(dtype))
   return export
 
 
@@ -85,7 +82,7 @@ def adapt(model_dir: str, backbone_dir: str, adapter_dir: str, heldout, train_co
     for seed in seeds:
       run_dir = os.path.join(model_dir, "adapt", f"{task}_seed{seed}")
       model, params, task_id = pipeline.adapt(run_dir, backbone_dir, adapter_dir, task, shots,
-                                              seed, train_config, DTYPES[dtype])
+                                              seed, train_config, dtype_named(dtype))
       accuracy = pipeline.evaluate_task(model, params, task, task_id, train_config.inputs_length,
                                         train_config.targets_length, batch_size=eval_batch_size,
                                         length_normalize=length_normalize)
@@ -123,7 +120,7 @@ def evaluate(model_dir: str, backbone_dir: str, heldout, adapter_dir: str | None
     adapter_params, meta = checkpoints.load_adapter(adapter_dir)
     config = config.replace(adapter=AdapterConfig(**meta["adapter"]))
     params, task_id = merge_params(adapter_params, backbone), meta.get("task_id")
-  model = EncoderDecoder(config.replace(dtype=DTYPES[dtype]))
+  model = EncoderDecoder(config.replace(dtype=dtype_named(dtype)))
   results = {task: pipeline.evaluate_task(model, params, task, task_id, inputs_length,
                                           targets_length, split, batch_size, length_normalize)
              for task in _task_list(heldout)}

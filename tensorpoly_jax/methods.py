@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any
 
@@ -93,6 +94,26 @@ class AdapterConfig:
       kwargs.update(order=self.order, pair_norm=self.pair_norm,
                     train_pair_norm=self.pair_norm_trainable)
     return METHODS[self.method](**kwargs)
+
+  def dense_delta(self, inputs, contracted_axes: tuple[int, ...], outputs_shape: tuple[int, ...],
+                  kernel_axes: tuple[str, ...] = (), dtype: Any = jnp.float32, task_ids=None,
+                  routing_weights=None, deterministic: bool = True):
+    """The adapter's ``delta`` (shaped like the projection's outputs) for a dense projection that
+    contracts ``inputs`` over ``contracted_axes``; call it inside that projection's module, where
+    it creates the adapter as a submodule named ``adapter``.
+
+    ``inputs: [kept..., contracted...]`` is flattened to ``[kept..., d_in]``; ``delta:
+    [kept..., d_out]`` is reshaped to ``outputs_shape`` (``kept + features``). ``kernel_axes``
+    (the kernel's logical axes, T5X style) give the adapter params' in and out axis names.
+    """
+    kept = [ax for ax in range(inputs.ndim) if ax not in contracted_axes]
+    flat_inputs = jnp.transpose(inputs, kept + list(contracted_axes)).reshape(
+        *(inputs.shape[ax] for ax in kept), -1)
+    d_out = math.prod(outputs_shape[len(kept):])
+    in_axis, out_axis = (kernel_axes[0], kernel_axes[-1]) if kernel_axes else ("embed", "embed")
+    delta = self.build(d_out, in_axis, out_axis, dtype, name="adapter")(
+        flat_inputs, task_ids, routing_weights=routing_weights, deterministic=deterministic)
+    return delta.reshape(outputs_shape)
 
   def router_param_count(self) -> int:
     """One router's skill logits, ``T·H·S`` (per layer, or once when ``shared_router``)."""

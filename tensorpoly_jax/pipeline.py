@@ -79,8 +79,7 @@ def train_backbone(model_dir: str, config: T5Config, mixture: str, train: traine
                          os.path.join(model_dir, "run"), run_meta("backbone", config, {}),
                          abstract_variables(model), description="backbone")
   output = os.path.join(model_dir, "backbone")
-  if jax.process_index() == 0:
-    convert.save_converted(output, config, jax.device_get(result.params))
+  convert.save_converted(output, config, result.params)
   return output
 
 
@@ -134,8 +133,8 @@ def adapt(model_dir: str, backbone_dir: str, adapter_dir: str, task_name: str, k
   shots = fewshot.register_fewshot(task_name, k, seed)
   arrays = choices.choice_arrays(shots, "train", train.inputs_length, train.targets_length)
   train = dataclasses.replace(train, loss="tfew", seed=seed)
-  stream = lambda start: batches.choice_batches(arrays, local_batch_size(train.batch_size),
-                                                seed, start, task_id)
+  stream = lambda start: batches.choice_batches(arrays, train.batch_size, seed, start, task_id,
+                                                _shard_info())
   result = trainer.train(model, params, stream, train, model_dir,
                          run_meta(f"adapt {task_name} k={k} seed={seed}", config, routing_ids),
                          abstract_variables(model), description=f"adapt {task_name} s{seed}")

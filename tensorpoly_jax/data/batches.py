@@ -30,17 +30,29 @@ def lm_batches(name: str, batch_size: int, inputs_length: int, targets_length: i
 
 
 def choice_batches(arrays: dict, batch_size: int, seed: int, start_step: int = 0,
-                   task_id: int | None = None) -> Iterator[dict]:
-  """Endless batches of rank-classification arrays, reshuffled every epoch."""
+                   task_id: int | None = None,
+                   shard_info: seqio.ShardInfo | None = None) -> Iterator[dict]:
+  """Endless batches of rank-classification arrays, reshuffled every epoch.
+
+  ``batch_size`` is the global batch; with ``shard_info`` each process yields its contiguous
+  slice of it (process ``i`` of ``n``: rows ``i·B/n`` to ``(i+1)·B/n``), so the global batch is the
+  same however many processes share it.
+  """
+  shard = shard_info or seqio.ShardInfo(0, 1)
+  if batch_size % shard.num_shards:
+    raise ValueError(f"batch_size={batch_size} must be divisible by the {shard.num_shards}"
+                     " processes.")
+  local = batch_size // shard.num_shards
   total = len(arrays["label"])
   step = start_step
   while True:
     positions = np.arange(step * batch_size, (step + 1) * batch_size)
+    positions = positions[shard.index * local:(shard.index + 1) * local]
     epochs, offsets = positions // total, positions % total
     index = np.array([np.random.default_rng([seed, e]).permutation(total)[o]
                       for e, o in zip(epochs, offsets)])
     batch = {key: arrays[key][index] for key in CHOICE_KEYS}
     if task_id is not None:
-      batch["task_ids"] = np.full(batch_size, task_id, np.int32)
+      batch["task_ids"] = np.full(local, task_id, np.int32)
     yield batch
     step += 1

@@ -53,11 +53,22 @@ def output_features(vocabulary: seqio.Vocabulary, inputs_eos: bool = True):
           "targets": seqio.Feature(vocabulary, add_eos=True)}
 
 
+class RoutedEncDecFeatureConverter(seqio.EncDecFeatureConverter):
+  """T5X's encoder-decoder converter, passing the routing ``task_id`` (shape [1]) through.
+
+  Unpacked only: a packed row would mix examples of different tasks under one task id."""
+
+  def __init__(self, pack: bool = False, **kwargs):
+    if pack:
+      raise ValueError("tensorpoly batches are unpacked (one task id per row): set pack=False"
+                       " (T5X: DatasetConfig.pack = False).")
+    spec = seqio.FeatureConverter.FeatureSpec
+    kwargs.setdefault("passthrough_features", {"task_id": spec(dtype=tf.int32, rank=1)})
+    super().__init__(pack=False, **kwargs)
+
+
 def feature_converter() -> seqio.FeatureConverter:
-  """T5X's encoder-decoder converter, passing the routing ``task_id`` (shape [1]) through."""
-  spec = seqio.FeatureConverter.FeatureSpec
-  return seqio.EncDecFeatureConverter(pack=False, passthrough_features={
-      "task_id": spec(dtype=tf.int32, rank=1)})
+  return RoutedEncDecFeatureConverter()
 
 
 def feature_lengths(inputs_length: int, targets_length: int) -> dict[str, int]:

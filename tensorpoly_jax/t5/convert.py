@@ -192,12 +192,16 @@ CONVERTED_PARAMS = "params"
 
 
 def save_converted(output_dir: str, config: T5Config, params) -> None:
-  """Writes the backbone as an orbax checkpoint plus its T5Config (JSON) for the trainer."""
+  """Writes the backbone as an orbax checkpoint plus its T5Config (JSON) for the trainer.
+
+  In a multi-host run every process calls this (orbax writes each host's shards); process 0
+  writes the JSON."""
   import orbax.checkpoint as ocp
 
   os.makedirs(output_dir, exist_ok=True)
-  with open(os.path.join(output_dir, CONVERTED_CONFIG), "w") as f:
-    json.dump(config_to_dict(config), f, indent=2)
+  if jax.process_index() == 0:
+    with open(os.path.join(output_dir, CONVERTED_CONFIG), "w") as f:
+      json.dump(config_to_dict(config), f, indent=2)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.abspath(os.path.join(output_dir, CONVERTED_PARAMS)), params)
   checkpointer.wait_until_finished()
@@ -208,6 +212,10 @@ def load_converted(output_dir: str) -> tuple[T5Config, dict]:
 
   with open(os.path.join(output_dir, CONVERTED_CONFIG)) as f:
     config = config_from_dict(json.load(f))
-  params = ocp.StandardCheckpointer().restore(
-      os.path.abspath(os.path.join(output_dir, CONVERTED_PARAMS)))
+  checkpointer = ocp.StandardCheckpointer()
+  path = os.path.abspath(os.path.join(output_dir, CONVERTED_PARAMS))
+  # Host numpy arrays, not the writer's device layout: the reader's hosts and mesh may differ.
+  saved = checkpointer.metadata(path).item_metadata
+  params = checkpointer.restore(path, jax.tree_util.tree_map(
+      lambda leaf: np.empty(leaf.shape, leaf.dtype), saved.tree))
   return config, params

@@ -18,11 +18,11 @@ from tensorpoly_jax.methods import AdapterConfig
 default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
 
-def _canonicalize_tuple(x):
+def canonicalize_tuple(x):
   return tuple(x) if isinstance(x, Iterable) else (x,)
 
 
-def _normalize_axes(axes: tuple[int, ...], ndim: int) -> tuple[int, ...]:
+def normalize_axes(axes: tuple[int, ...], ndim: int) -> tuple[int, ...]:
   return tuple(ax if ax >= 0 else ndim + ax for ax in axes)
 
 
@@ -42,8 +42,8 @@ class DenseGeneral(nn.Module):
 
   @nn.compact
   def __call__(self, inputs, task_ids=None, *, routing_weights=None, deterministic=True):
-    features = _canonicalize_tuple(self.features)
-    axis = _normalize_axes(_canonicalize_tuple(self.axis), inputs.ndim)
+    features = canonicalize_tuple(self.features)
+    axis = normalize_axes(canonicalize_tuple(self.axis), inputs.ndim)
     inputs = jnp.asarray(inputs, self.dtype)
     in_shape = tuple(inputs.shape[ax] for ax in axis)
     kernel = partitioning.param_with_axes(
@@ -53,14 +53,8 @@ class DenseGeneral(nn.Module):
     outputs = lax.dot_general(inputs, kernel, ((axis, tuple(range(len(axis)))), ((), ())))
     if self.adapter is None or not self.adapter.matches("/".join(self.path)):
       return outputs
-    kept = [ax for ax in range(inputs.ndim) if ax not in axis]
-    flat_inputs = jnp.transpose(inputs, kept + list(axis)).reshape(
-        *(inputs.shape[ax] for ax in kept), -1)
-    in_axis, out_axis = (self.kernel_axes[0], self.kernel_axes[-1]) if self.kernel_axes else (
-        "embed", "embed")
-    delta = self.adapter.build(math.prod(features), in_axis, out_axis, self.dtype, name="adapter")(
-        flat_inputs, task_ids, routing_weights=routing_weights, deterministic=deterministic)
-    return outputs + delta.reshape(outputs.shape)
+    return outputs + self.adapter.dense_delta(inputs, axis, outputs.shape, self.kernel_axes,
+                                              self.dtype, task_ids, routing_weights, deterministic)
 
 
 @struct.dataclass

@@ -64,10 +64,19 @@ PRESETS["t0_3b"] = PRESETS["t5_1_1_xl"]
 PRESETS["t0_11b"] = PRESETS["t5_1_1_xxl"]
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 def preset(name: str, **overrides) -> T5Config:
   if name not in PRESETS:
     raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}.")
   return PRESETS[name].replace(**overrides)
+
+
+def dtype_named(name: str):
+  if name not in DTYPES:
+    raise ValueError(f"dtype {name!r} is unknown; choose one of {sorted(DTYPES)}.")
+  return DTYPES[name]
 
 
 def _layer_class(cls, config: T5Config, static_argnums):
@@ -194,6 +203,7 @@ class EncoderDecoder(nn.Module):
 
   def encode(self, encoder_input_tokens, encoder_segment_ids=None, enable_dropout=True,
              task_ids=None, routing=None):
+    _check_unpacked(encoder_segment_ids=encoder_segment_ids)
     valid = encoder_input_tokens > 0
     mask = layers.make_attention_mask(valid, valid, self.config.dtype)
     routing = routing or self.routing(task_ids, not enable_dropout)
@@ -205,6 +215,8 @@ class EncoderDecoder(nn.Module):
              routing=None):
     if decode:
       raise NotImplementedError("incremental decoding is not implemented; score with full targets.")
+    _check_unpacked(encoder_segment_ids=encoder_segment_ids,
+                    decoder_segment_ids=decoder_segment_ids, decoder_positions=decoder_positions)
     dtype = self.config.dtype
     decoder_mask = layers.make_decoder_mask(decoder_target_tokens, dtype)
     cross_mask = layers.make_attention_mask(decoder_target_tokens > 0, encoder_input_tokens > 0,
@@ -217,10 +229,22 @@ class EncoderDecoder(nn.Module):
                encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
                decoder_positions=None, *, enable_dropout: bool = True, decode: bool = False,
                task_ids=None):
+    _check_unpacked(encoder_segment_ids=encoder_segment_ids,
+                    decoder_segment_ids=decoder_segment_ids, encoder_positions=encoder_positions,
+                    decoder_positions=decoder_positions)
     routing = self.routing(task_ids, not enable_dropout)
     encoded = self.encode(encoder_input_tokens, enable_dropout=enable_dropout, routing=routing)
     return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
                        enable_dropout=enable_dropout, decode=decode, routing=routing)
+
+
+def _check_unpacked(**packing_features) -> None:
+  """T5X passes these for packed batches; this model attends within one example per row."""
+  given = [name for name, value in packing_features.items() if value is not None]
+  if given:
+    raise NotImplementedError(
+        f"packed examples are not supported ({', '.join(given)} given); feed unpacked batches"
+        " (seqio feature converter pack=False, T5X DatasetConfig.pack = False).")
 
 
 ADAPTER_MODULES = ("adapter", "shared_router")

@@ -1,0 +1,118 @@
+"""T5X glue: an ``EncoderDecoderModel`` that routes with the batch's ``task_id`` feature, gin
+configurables for the module, and the partitioning / Adafactor rules of the adapter axes.
+
+Needs T5X, which is not on PyPI: ``pip install git+https://github.com/google-research/t5x``.
+The adapter layers never import T5X; only this module does. A T5X gin file uses it as::
+
+  from __gin__ import dynamic_registration
+  from tensorpoly_jax import t5x_bridge
+  MODEL = @t5x_bridge.EncoderDecoderModel()
+  t5x_bridge.EncoderDecoderModel.module = @t5x_bridge.t5_module()
+
+(``configs/t5x/t0_3b_poly.gin`` is a complete model file.)
+"""
+from __future__ import annotations
+
+import flax
+import jax
+import jax.numpy as jnp
+
+try:
+  from t5x import adafactor, models
+except ImportError as err:  # pragma: no cover - depends on the environment
+  raise ImportError(
+      "tensorpoly_jax.t5x_bridge needs T5X: pip install git+https://github.com/google-research/t5x"
+      " (tensorpoly_jax's own trainer and `tensorpoly` CLI do not)."
+  ) from err
+
+from tensorpoly_jax.data.tasks import RoutedEncDecFeatureConverter
+from tensorpoly_jax.methods import AdapterConfig
+from tensorpoly_jax.partitioning import DEFAULT_RULES
+from tensorpoly_jax.routing import ROUTING_RNG
+from tensorpoly_jax.t5.model import EncoderDecoder, dtype_named, is_adapter_path, preset
+
+TASK_FEATURE = "task_id"
+ADAPTER_AXES = ("tasks", "splits", "skills", "lora_rank", "order", "leaf")
+
+
+def adapter_axis_rules():
+  """``additional_rules`` for T5X's ``standard_logical_axis_rules``: adapter axes replicated."""
+  return tuple(rule for rule in DEFAULT_RULES if rule[0] in ADAPTER_AXES)
+
+
+def adapter_factor_rules():
+  """T5X's Adafactor factor rules plus the adapter axes (every axis of a param needs one).
+
+  Skills, splits and orders are separate matrices (BATCH: never averaged together); a LoRA side
+  factors over its ``lora_rank`` (COLUMN) and feature (ROW) axes where T5X marks that feature ROW
+  (``embed``) and is left unfactored where both are COLUMN; router logits are unfactored.
+  """
+  dim = adafactor.FactorDim
+  return flax.core.freeze({
+      **adafactor.standard_logical_factor_rules(),
+      "tasks": dim.NONE, "splits": dim.BATCH, "skills": dim.BATCH, "order": dim.BATCH,
+      "lora_rank": dim.COLUMN, "leaf": dim.ROW,
+  })
+
+
+def batch_task_ids(batch) -> jnp.ndarray:
+  """``int[B]`` from the converter's ``task_id`` feature (``[B, 1]``)."""
+  if TASK_FEATURE not in batch:
+    raise KeyError(f"the batch has no {TASK_FEATURE!r} feature; use"
+                   " RoutedEncDecFeatureConverter (it passes the routing id through).")
+  task_ids = batch[TASK_FEATURE]
+  return task_ids[:, 0] if task_ids.ndim == 2 else task_ids
+
+
+def is_adapter_param(path: str, _value=None) -> bool:
+  """For ``optimizers.MultiOptimizer`` traversals: train only adapters and routers."""
+  return is_adapter_path(tuple(path.split("/")))
+
+
+class EncoderDecoderModel(models.EncoderDecoderModel):
+  """T5X's model, with ``task_ids`` and a routing rng passed to tensorpoly's ``EncoderDecoder``.
+
+  Training and scoring (rank classification) work; beam-search prediction needs incremental
+  decoding, which tensorpoly's T5 does not implement.
+  """
+
+  FEATURE_CONVERTER_CLS = RoutedEncDecFeatureConverter
+
+  def get_initial_variables(self, rng, input_shapes, input_types=None):
+    del input_types  # token ids are int32 for this module
+    encoder_shape = input_shapes["encoder_input_tokens"]
+    decoder_shape = input_shapes["decoder_input_tokens"]
+    decoder_tokens = jnp.ones(decoder_shape, jnp.int32)
+    return flax.core.freeze(self.module.init(
+        rng, jnp.ones(encoder_shape, jnp.int32), decoder_tokens, decoder_tokens, decode=False,
+        enable_dropout=False, task_ids=jnp.zeros(encoder_shape[:1], jnp.int32)))
+
+  def _compute_logits(self, params, batch, dropout_rng=None, mutable=False,
+                      other_variables=None):
+    rngs = None
+    if dropout_rng is not None:
+      dropout, routing = jax.random.split(dropout_rng)
+      rngs = {"dropout": dropout, ROUTING_RNG: routing}
+    return self.module.apply(
+        {"params": params, **(other_variables or {})}, batch["encoder_input_tokens"],
+        batch["decoder_input_tokens"], batch["decoder_target_tokens"],
+        encoder_segment_ids=batch.get("encoder_segment_ids"),
+        decoder_segment_ids=batch.get("decoder_segment_ids"),
+        encoder_positions=batch.get("encoder_positions"),
+        decoder_positions=batch.get("decoder_positions"), decode=False,
+        enable_dropout=rngs is not None, rngs=rngs, mutable=mutable,
+        task_ids=batch_task_ids(batch))
+
+  def predict_batch_with_aux(self, *args, **kwargs):
+    raise NotImplementedError(
+        "tensorpoly's T5 has no incremental decoding, so T5X beam search cannot run; evaluate"
+        " with rank classification (score_batch over the answer choices) instead.")
+
+
+def t5_module(preset_name: str = "t5_1_1_small", adapter: AdapterConfig | None = None,
+              dtype: str = "bfloat16", remat: bool = False,
+              dropout_rate: float = 0.0) -> EncoderDecoder:
+  """tensorpoly's T5 from a preset, with an adapter (T5X's ``network.Transformer`` arguments)."""
+  return EncoderDecoder(preset(preset_name, dtype=dtype_named(dtype), remat=remat,
+                               dropout_rate=dropout_rate, adapter=adapter))
+

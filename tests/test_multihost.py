@@ -1,0 +1,136 @@
+"""Two local processes joined by jax.distributed train exactly like one process over the same
+global batches, and their checkpoint restores in a single-process run."""
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import seqio
+from safetensors.numpy import load_file
+
+from tensorpoly_jax import cli, distributed, pipeline
+from tensorpoly_jax.data import batches
+from tensorpoly_jax.t5 import convert
+from tensorpoly_jax.t5.model import EncoderDecoder, preset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROCESSES = 2
+
+
+def _free_port() -> int:
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    return sock.getsockname()[1]
+
+
+def _pretrain_args(model_dir, backbone_dir):
+  return ["train", "--gin_file=adapters/poly.gin", "--gin_file=runs/data_embedded.gin",
+          "--gin_file=runs/pretrain.gin", f"--model_dir={model_dir}",
+          f"--gin.BACKBONE_DIR='{backbone_dir}'", "--gin.TRAIN_STEPS=10", "--gin.BATCH_SIZE=8",
+          "--gin.N_SKILLS=4", "--gin.LORA_RANK=2", "--gin.TrainConfig.checkpoint_every=5",
+          "--gin.TrainConfig.log_every=1"]
+
+
+def _adapter(model_dir):
+  return load_file(os.path.join(model_dir, "adapter", "adapter.safetensors"))
+
+
+def _assert_same(actual, expected, **tolerance):
+  assert actual.keys() == expected.keys()
+  for name in expected:
+    np.testing.assert_allclose(actual[name], expected[name], err_msg=name, **tolerance)
+
+
+@pytest.fixture(scope="module")
+def backbone_dir(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("backbone"))
+  model = EncoderDecoder(preset("tiny"))
+  convert.save_converted(out, model.config, pipeline.init_params(model, 0, adapters_only=False))
+  return out
+
+
+@pytest.fixture(scope="module")
+def two_process_run(backbone_dir, tmp_path_factory):
+  """``tensorpoly train`` as 2 processes x 4 CPU devices: the global mesh has 8 devices."""
+  model_dir = tmp_path_factory.mktemp("two")
+  port = _free_port()
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_PLATFORMS": "cpu"}
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "tensorpoly_jax", *_pretrain_args(model_dir, backbone_dir),
+       f"--coordinator_address=localhost:{port}", f"--num_processes={PROCESSES}",
+       f"--process_id={index}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for index in range(PROCESSES)]
+  outputs = []
+  for proc in procs:
+    try:
+      outputs.append(proc.communicate(timeout=420)[0])
+    except subprocess.TimeoutExpired:
+      for other in procs:
+        other.kill()
+      raise
+  for index, (proc, output) in enumerate(zip(procs, outputs)):
+    assert proc.returncode == 0, f"process {index} failed:\n{output[-4000:]}"
+  return model_dir, outputs
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_on_the_same_global_batches(
+    two_process_run, backbone_dir, tmp_path, monkeypatch):
+  model_dir, outputs = two_process_run
+  assert "pretrain poly" in outputs[0] and "pretrain poly" not in outputs[1]  # bar: process 0
+  real_lm_batches = batches.lm_batches
+
+  def both_shards(name, batch_size, inputs_length, targets_length, seed, start, shard_info):
+    """One process reading the 2 processes' shards side by side: the same global batches."""
+    assert shard_info == seqio.ShardInfo(0, 1)
+    streams = [real_lm_batches(name, batch_size // PROCESSES, inputs_length, targets_length, seed,
+                               start, seqio.ShardInfo(index, PROCESSES))
+               for index in range(PROCESSES)]
+    for parts in zip(*streams):
+      yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  monkeypatch.setattr(batches, "lm_batches", both_shards)
+  assert cli.main(_pretrain_args(tmp_path, backbone_dir)) == 0
+  _assert_same(_adapter(model_dir), _adapter(tmp_path), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_process_checkpoint_restores_in_one_process(two_process_run, backbone_dir):
+  model_dir, _ = two_process_run
+  exported = _adapter(model_dir)
+  os.remove(os.path.join(model_dir, "adapter", "adapter.safetensors"))
+  # Unsharded data: only a restored step-10 state (no steps left to run) re-exports the same.
+  assert cli.main(_pretrain_args(model_dir, backbone_dir)) == 0
+  _assert_same(_adapter(model_dir), exported, rtol=0, atol=0)
+
+
+def test_process_group_from_flags_and_environment():
+  env = {"TENSORPOLY_COORDINATOR_ADDRESS": "h:1", "TENSORPOLY_NUM_PROCESSES": "4"}
+  group = distributed.ProcessGroup(process_id=3).merged(distributed.ProcessGroup.from_env(env))
+  assert group == distributed.ProcessGroup("h:1", 4, 3)
+  with pytest.raises(ValueError, match="process_id=4 must be in"):
+    distributed.ProcessGroup("h:1", 4, 4).check()
+  with pytest.raises(ValueError, match="incomplete: process_id"):
+    distributed.initialize(distributed.ProcessGroup("h:1", 2), environ={})
+  with pytest.raises(ValueError, match="TENSORPOLY_NUM_PROCESSES='two'"):
+    distributed.ProcessGroup.from_env({"TENSORPOLY_NUM_PROCESSES": "two"})
+  assert not distributed.initialize(environ={})  # one process: nothing to join
+  assert distributed.cluster_detected({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"})
+  assert distributed.cluster_detected({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"})
+  assert not distributed.cluster_detected({"TPU_WORKER_HOSTNAMES": "w0", "SLURM_NTASKS": "8"})
+
+
+def test_choice_batch_shards_concatenate_to_the_global_batch():
+  arrays = {"encoder_input_tokens": np.arange(20)[:, None], "choice_tokens": np.zeros((20, 2, 3)),
+            "label": np.arange(20) % 2}
+  whole = batches.choice_batches(arrays, 8, seed=3, start_step=2, task_id=5)
+  shards = [batches.choice_batches(arrays, 8, 3, 2, 5, seqio.ShardInfo(i, 2)) for i in range(2)]
+  for _ in range(4):  # crosses an epoch boundary (20 examples, 8 per step)
+    expected, parts = next(whole), [next(s) for s in shards]
+    for key in expected:
+      np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), expected[key])
+  with pytest.raises(ValueError, match="divisible by the 3 processes"):
+    next(batches.choice_batches(arrays, 8, 0, shard_info=seqio.ShardInfo(0, 3)))
