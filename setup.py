@@ -36,6 +36,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["tensorpoly_jax", "tensorpoly_jax.*"]),
     install_requires=CORE,
-    extras_require={"torch": ["torch>=2.13"], "tests": TESTS},
+    extras_require={"torch": ["torch>=2.13"], "benchmarks": ["torch>=2.13", "peft>=0.21.2"],
+                    "tests": TESTS},
     entry_points={"console_scripts": ["tensorpoly=tensorpoly_jax.cli:main"]},
 )

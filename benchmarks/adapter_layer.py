@@ -10,17 +10,17 @@ Prints a table and writes JSON. ``--quick`` is a smaller size for smoke tests.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import time
+import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from tensorpoly_jax.methods import AdapterConfig
-from tensorpoly_jax.t5.layers import DenseGeneral
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  pylint: disable=wrong-import-position
+
+from tensorpoly_jax.methods import AdapterConfig  # noqa: E402
+from tensorpoly_jax.t5.layers import DenseGeneral  # noqa: E402
 
 # The paper's settings: LoRA/Poly/MHR at r=1, tensor methods at r=16 (TLoRA[r=16] is N=2, R=1).
 METHODS = {
@@ -34,13 +34,7 @@ METHODS = {
 
 
 def median_seconds(fn, args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+  return common.median_seconds(lambda: jax.block_until_ready(fn(*args)), repeats)["median_s"]
 
 
 def step_for(layer, params, trainable_key):
@@ -72,8 +66,7 @@ def measure(batch, tokens, d_in, d_out, n_tasks, repeats):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true")
-  parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results",
-                                                      "adapter_layer.json"))
+  parser.add_argument("--output", default=None)
   args = parser.parse_args()
   # T5-v1.1-small's FFN input projection (512 -> 1024), batch 8 x 256 tokens, 8 tasks in a batch.
   size = dict(batch=8, tokens=256, d_in=512, d_out=1024, n_tasks=8, repeats=30)
@@ -85,10 +78,9 @@ def main():
   print(f"{'method':<16}{'median ms':>12}{'x frozen':>10}{'params':>10}")
   for name, row in rows.items():
     print(f"{name:<16}{1e3 * row['seconds']:>12.3f}{row['ratio']:>10.2f}{row['adapter_params']:>10,}")
-  os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-  with open(args.output, "w") as f:
-    json.dump({"size": size, "device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
-               "machine": platform.machine(), "jax": jax.__version__, "rows": rows}, f, indent=2)
+  path = common.write_json(f"adapter_layer{'_quick' if args.quick else ''}",
+                           {"size": size, "rows": rows}, args.output)
+  print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -39,8 +39,10 @@ def low_rank_delta(x: jnp.ndarray, lora_a: jnp.ndarray, lora_b: jnp.ndarray) -> 
   """``(x A B) / r`` for ``x: [b, t, d]``, with A/B shared (``[d, r]``) or per example (``[b, d, r]``)."""
   rank = lora_a.shape[-1]
   batched = "b" if lora_a.ndim == 3 else ""
-  hidden = jnp.einsum(f"btd,{batched}dr->btr", x, lora_a)
-  return jnp.einsum(f"btr,{batched}re->bte", hidden, lora_b) / rank
+  # Scaling the rank-sized hidden rather than the [b, t, d_out] delta keeps the scale off the
+  # activation-sized tensor (forward and backward).
+  hidden = jnp.einsum(f"btd,{batched}dr->btr", x, lora_a) / rank
+  return jnp.einsum(f"btr,{batched}re->bte", hidden, lora_b)
 
 
 class _Adapter(nn.Module):

@@ -4,7 +4,6 @@ with a fresh router row, and rank-classification evaluation."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 
 import jax
@@ -18,17 +17,8 @@ from tensorpoly_jax.data import batches, choices, fewshot, tasks
 from tensorpoly_jax.methods import AdapterConfig
 from tensorpoly_jax.routing import LOGIT_INIT_RANGE
 from tensorpoly_jax.t5 import convert
-from tensorpoly_jax.t5.model import (EncoderDecoder, T5Config, config_to_dict, merge_params,
-                                     split_params)
-
-
-@functools.lru_cache(maxsize=32)
-def abstract_variables(model: EncoderDecoder):
-  """Shapes and logical axes of every variable, with no memory allocated (cached per model)."""
-  tokens = jnp.ones((1, 4), jnp.int32)
-  return jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), tokens, tokens, tokens, enable_dropout=False,
-      task_ids=jnp.zeros((1,), jnp.int32)))
+from tensorpoly_jax.t5.model import (EncoderDecoder, T5Config, abstract_variables,
+                                     config_to_dict, merge_params, split_params)
 
 
 def init_params(model: EncoderDecoder, seed: int, adapters_only: bool):

@@ -6,8 +6,10 @@ The call signature follows T5X's ``network.Transformer`` plus ``task_ids``, so T
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax import traverse_util
@@ -245,6 +247,15 @@ def _check_unpacked(**packing_features) -> None:
     raise NotImplementedError(
         f"packed examples are not supported ({', '.join(given)} given); feed unpacked batches"
         " (seqio feature converter pack=False, T5X DatasetConfig.pack = False).")
+
+
+@functools.lru_cache(maxsize=32)
+def abstract_variables(model: EncoderDecoder):
+  """Shapes and logical axes of every variable, with no memory allocated (cached per model)."""
+  tokens = jnp.ones((1, 4), jnp.int32)
+  return jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), tokens, tokens, tokens, enable_dropout=False,
+      task_ids=jnp.zeros((1,), jnp.int32)))
 
 
 ADAPTER_MODULES = ("adapter", "shared_router")

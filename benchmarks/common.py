@@ -1,0 +1,261 @@
+"""What every benchmark shares: median timing, the machine's measured matmul peak, peak memory,
+a jax.profiler trace summary by HLO op, and the JSON record of the machine a result came from."""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import glob
+import json
+import os
+import platform
+import re
+import resource
+import tempfile
+import time
+from typing import Callable, Iterable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> dict:
+  """``run()`` must block until its work is done. Median and spread of ``repeats`` timed calls."""
+  for _ in range(warmup):
+    run()
+  return interleaved_seconds({"run": run}, repeats)["run"]
+
+
+class CompiledStep(NamedTuple):
+  executable: object
+  compile_s: float
+  run: Callable[[], None]  # one blocking step that carries the (donated) state to the next call
+
+
+def compile_steps(configs: Iterable[tuple], workers: int = 2) -> dict[str, CompiledStep]:
+  """Compiles ``configs`` (``(name, jitted_step, state, frozen, batch)``, built lazily) and runs
+  each once as its untimed warm-up.
+
+  XLA's CPU compile of a full adapted step takes minutes and grows faster than linearly with the
+  number of adapted layers, so each step compiles in a background pool while the next one is
+  traced. Nothing is timed here: time the returned steps once this returns (all compiles done).
+  """
+  def compile_and_warm_up(lowered, state, frozen, batch):
+    start = time.perf_counter()
+    executable = lowered.compile()
+    compile_s = time.perf_counter() - start
+    holder = {"state": state}
+
+    def run():
+      holder["state"], metrics = executable(holder["state"], frozen, batch)
+      jax.block_until_ready(metrics)
+
+    run()  # the first call also allocates its buffers
+    return CompiledStep(executable, compile_s, run)
+
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    futures = {name: pool.submit(compile_and_warm_up, step.lower(state, frozen, batch), state,
+                                 frozen, batch)
+               for name, step, state, frozen, batch in configs}
+  return {name: future.result() for name, future in futures.items()}
+
+
+def interleaved_seconds(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict]:
+  """Times each of ``runs`` (already warmed up) once per round, ``repeats`` rounds: a slow spell
+  of a shared machine then lands on every configuration instead of on whichever ran in it."""
+  times = {name: [] for name in runs}
+  for _ in range(repeats):
+    for name, run in runs.items():
+      start = time.perf_counter()
+      run()
+      times[name].append(time.perf_counter() - start)
+  return {name: {"median_s": float(np.median(t)), "min_s": float(np.min(t)),
+                 "max_s": float(np.max(t)), "repeats": repeats} for name, t in times.items()}
+
+
+def jax_matmul_peak(size: int | None = None, dtype=jnp.float32, repeats: int = 10) -> float:
+  """FLOP/s of a jitted square matmul on the default device (the achievable peak); 2048 on a
+  CPU, 8192 on an accelerator, which a smaller one would not fill."""
+  size = size or (2048 if jax.default_backend() == "cpu" else 8192)
+  a = jax.random.normal(jax.random.PRNGKey(0), (size, size), dtype)
+  b = jax.random.normal(jax.random.PRNGKey(1), (size, size), dtype)
+  matmul = jax.jit(jnp.matmul)
+  stats = median_seconds(lambda: matmul(a, b).block_until_ready(), repeats)
+  return 2 * size**3 / stats["median_s"]
+
+
+def torch_matmul_peak(size: int = 2048, repeats: int = 10) -> float:
+  import torch
+
+  a, b = torch.randn(size, size), torch.randn(size, size)
+  stats = median_seconds(lambda: torch.mm(a, b), repeats)
+  return 2 * size**3 / stats["median_s"]
+
+
+def rss_mb() -> float:
+  """This process's current resident memory (Linux /proc)."""
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine() -> dict:
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  return {"device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
+          "cpu": cpu, "cpu_count": os.cpu_count(), "jax": jax.__version__,
+          "date": time.strftime("%Y-%m-%d")}
+
+
+def write_json(name: str, payload: dict, output: str | None = None) -> str:
+  path = output or os.path.join(RESULTS, f"{name}.json")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump({"machine": machine(), **payload}, f, indent=2)
+  return path
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+  """``columns``: (key, header, format spec); a missing value prints as '-'."""
+  cells = [[("-" if row.get(key) is None else format(row[key], spec)) for key, _, spec in columns]
+           for row in rows]
+  widths = [max([len(header)] + [len(line[i]) for line in cells])
+            for i, (_, header, _) in enumerate(columns)]
+  print("  ".join(f"{header:>{w}}" for (_, header, _), w in zip(columns, widths)))
+  for line in cells:
+    print("  ".join(f"{cell:>{w}}" for cell, w in zip(line, widths)))
+
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{([^}]*)\}")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def hlo_op_names(compiled) -> dict[str, str]:
+  """HLO instruction name -> the JAX op path it came from (``.../adapter/...``)."""
+  names = {}
+  for line in compiled.as_text().splitlines():
+    match = _INSTRUCTION.match(line)
+    if match:
+      op = _OP_NAME.search(match.group(2))
+      if op:
+        names[match.group(1)] = op.group(1)
+  return names
+
+
+def profile_ops(run: Callable[[], object], compiled, steps: int = 2,
+                is_adapter: Callable[[str], bool] = lambda op: "/adapter/" in op) -> dict:
+  """Traces ``steps`` calls with ``jax.profiler`` and sums the XLA thunk times by HLO op.
+
+  Returns the share of traced op time spent in ops whose JAX op path ``is_adapter`` (the
+  adapter's forward, backward and optimizer update), and the top ops with their op paths.
+  """
+  from jax.profiler import ProfileData
+
+  directory = tempfile.mkdtemp(prefix="tensorpoly_trace_")
+  with jax.profiler.trace(directory):
+    for _ in range(steps):
+      run()
+  path = glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True)[0]
+  totals = collections.Counter()
+  for plane in ProfileData.from_file(path).planes:
+    for line in plane.lines:
+      if line.name == "python":
+        continue
+      for event in line.events:
+        if not any(event.name.startswith(skip) for skip in ("Threadpool", "Slinky", "Thunk",
+                                                            "end:", "PjRt", "Execute")):
+          totals[event.name] += event.duration_ns
+  names = hlo_op_names(compiled)
+  total_ns = sum(totals.values()) or 1
+  groups = collections.Counter()
+  for op, ns in totals.items():
+    groups[op_group(names.get(op, ""), is_adapter)] += ns
+  adapter_ns = sum(ns for group, ns in groups.items() if group.startswith("adapter"))
+  top = [{"group": group, "share": ns / total_ns, "ms_per_step": ns / 1e6 / steps}
+         for group, ns in groups.most_common(10)]
+  return {"adapter_share": adapter_ns / total_ns, "traced_ms_per_step": total_ns / 1e6 / steps,
+          "top_groups": top}
+
+
+def op_group(jax_op: str, is_adapter: Callable[[str], bool]) -> str:
+  """``adapter: <what inside the adapter>`` or ``backbone: <primitive>``, over all layers, with
+  forward (``jvp``) and backward (``transpose``) kept apart."""
+  direction = "bwd" if "transpose(" in jax_op else "fwd"
+  if is_adapter(jax_op):
+    inner = jax_op.split("/adapter/", 1)[1]
+    inner = re.sub(r"adapter\.(factors|skill_vectors)/", "", inner)
+    return f"adapter {direction}: {inner}"
+  return f"backbone {direction}: {jax_op.rsplit('/', 1)[-1] or '?'}"
+
+
+def lm_batch(batch: int, inputs: int, targets: int, vocab: int, tasks_in_batch: int) -> dict:
+  """A random LM batch (numpy) with ``tasks_in_batch`` distinct task ids."""
+  rng = np.random.default_rng(0)
+  target_tokens = rng.integers(2, vocab, (batch, targets)).astype(np.int32)
+  return {"encoder_input_tokens": rng.integers(2, vocab, (batch, inputs)).astype(np.int32),
+          "decoder_target_tokens": target_tokens,
+          "decoder_input_tokens": np.pad(target_tokens[:, :-1], ((0, 0), (1, 0))),
+          "decoder_loss_weights": np.ones(target_tokens.shape, np.float32),
+          "task_ids": (np.arange(batch) % tasks_in_batch).astype(np.int32)}
+
+
+# The frozen-backbone step trains only these: its backward still runs through every layer.
+FIRST_NORMS = (("encoder", "layers_0", "pre_attention_layer_norm", "scale"),
+               ("decoder", "layers_0", "pre_self_attention_layer_norm", "scale"))
+
+
+def random_params(model, seed: int = 0, backbone=None):
+  """Random weights of ``model``'s shapes (normal, std 0.05), drawn in numpy: no init compile.
+  With ``backbone``, only the adapter params are drawn and the backbone's arrays are reused."""
+  from flax import traverse_util
+
+  from tensorpoly_jax.t5.model import abstract_variables, is_adapter_path
+
+  rng = np.random.default_rng(seed)
+  shapes = traverse_util.flatten_dict(abstract_variables(model)["params"])
+  reused = traverse_util.flatten_dict(backbone) if backbone is not None else {}
+  return traverse_util.unflatten_dict({
+      path: reused[path] if path in reused and not is_adapter_path(path)
+      else jnp.asarray(rng.normal(0.0, 0.05, leaf.shape), leaf.dtype)
+      for path, leaf in shapes.items()})
+
+
+def xla_step_mb(compiled) -> float:
+  """The compiled step's buffers by XLA's buffer assignment: arguments + outputs + temporaries
+  (donated arguments counted once)."""
+  memory = compiled.memory_analysis()
+  total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+           + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+  return total / 2**20
+
+
+def train_step(model, params):
+  """``(jitted step, state, frozen)`` of the trainer's step (AdamW) for ``model``: its adapter
+  params train, or, without an adapter, only ``FIRST_NORMS``."""
+  from flax import traverse_util
+
+  from tensorpoly_jax import trainer
+  from tensorpoly_jax.optimizers import OptimizerConfig, make_optimizer
+  from tensorpoly_jax.t5.model import split_params
+
+  if model.config.adapter is None:
+    flat = traverse_util.flatten_dict(params)
+    trainable = traverse_util.unflatten_dict({k: flat.pop(k) for k in FIRST_NORMS})
+    frozen = traverse_util.unflatten_dict(flat)
+  else:
+    trainable, frozen = split_params(params)
+  trainable = jax.tree_util.tree_map(jnp.array, trainable)  # copies: the step donates them
+  optimizer = make_optimizer(OptimizerConfig(name="adamw"), trainable, 1000)
+  step = jax.jit(trainer.make_train_step(model, optimizer, "lm"), donate_argnums=(0,))
+  state = trainer.TrainState(jnp.asarray(0), trainable, optimizer.init(trainable),
+                             jax.random.PRNGKey(0))
+  return step, state, frozen

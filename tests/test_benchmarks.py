@@ -1,0 +1,47 @@
+"""The benchmark scripts run end to end at their --quick size and write the JSON they describe
+(smoke tests: no timing is asserted)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script, output, *args):
+  done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--quick",
+                         "--output", str(output), *args], capture_output=True, text=True,
+                        timeout=600, env={**os.environ, "XLA_FLAGS": ""})
+  assert done.returncode == 0, done.stderr[-3000:]
+  return json.loads(output.read_text()), done.stdout
+
+
+def test_train_step_against_frozen_and_peft(tmp_path):
+  result, stdout = _run("train_step.py", tmp_path / "train_step.json", "--methods", "poly")
+  rows = {(r["framework"], r["method"]): r for r in result["rows"]}
+  assert set(rows) == {("ours", "frozen"), ("ours", "poly"), ("peft", "frozen"), ("peft", "poly")}
+  assert rows["ours", "frozen"]["x_frozen"] == 1.0
+  assert rows["ours", "poly"]["ours_over_peft"] > 0
+  # Same adapter size as PEFT's Poly on the same targets (router rows included).
+  assert rows["ours", "poly"]["trainable_params"] == rows["peft", "poly"]["trainable_params"]
+  assert result["matmul_peak_flops"]["jax"] > 0 and rows["ours", "poly"]["flops"] > 0
+  for row in rows.values():  # profiled exactly where slower than 1.3x frozen or than PEFT
+    slow = row["x_frozen"] > 1.3 or row.get("ours_over_peft", 0) > 1.0
+    assert (row.get("profile") is not None) == (row["framework"] == "ours" and slow), row
+    assert not row.get("profile") or 0 <= row["profile"]["adapter_share"] <= 1
+  assert "x frozen" in stdout and "ours/PEFT" in stdout
+
+
+def test_eval_throughput_and_cost_growth(tmp_path):
+  result, stdout = _run("eval_throughput.py", tmp_path / "eval.json")
+  assert [r["scorer"].split()[0] for r in result["rows"]] == ["naive", "evaluator"]
+  assert "scores checked equal" in stdout
+  result, _ = _run("cost_growth.py", tmp_path / "growth.json")
+  assert [r["value"] for r in result["rows"]] == [2, 4]
+  assert (tmp_path / "growth.png").exists()
+  result, _ = _run("adapter_layer.py", tmp_path / "layer.json")
+  assert set(result["rows"]) == {"frozen", "lora", "tlora", "poly", "mhr", "tensorpoly_i",
+                                 "tensorpoly_ii"}
