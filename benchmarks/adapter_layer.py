@@ -9,7 +9,6 @@ Prints a table and writes JSON. ``--quick`` is a smaller size for smoke tests.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -64,10 +63,7 @@ def measure(batch, tokens, d_in, d_out, n_tasks, repeats):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true")
-  parser.add_argument("--output", default=None)
-  args = parser.parse_args()
+  args = common.argument_parser(__doc__).parse_args()
   # T5-v1.1-small's FFN input projection (512 -> 1024), batch 8 x 256 tokens, 8 tasks in a batch.
   size = dict(batch=8, tokens=256, d_in=512, d_out=1024, n_tasks=8, repeats=30)
   if args.quick:
@@ -78,8 +74,7 @@ def main():
   print(f"{'method':<16}{'median ms':>12}{'x frozen':>10}{'params':>10}")
   for name, row in rows.items():
     print(f"{name:<16}{1e3 * row['seconds']:>12.3f}{row['ratio']:>10.2f}{row['adapter_params']:>10,}")
-  path = common.write_json(f"adapter_layer{'_quick' if args.quick else ''}",
-                           {"size": size, "rows": rows}, args.output)
+  path = common.write_json("adapter_layer", {"size": size, "rows": rows}, args)
   print(f"wrote {path}")
 
 

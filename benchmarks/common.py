@@ -2,6 +2,7 @@
 a jax.profiler trace summary by HLO op, and the JSON record of the machine a result came from."""
 from __future__ import annotations
 
+import argparse
 import collections
 import concurrent.futures
 import glob
@@ -116,8 +117,18 @@ def machine() -> dict:
           "date": time.strftime("%Y-%m-%d")}
 
 
-def write_json(name: str, payload: dict, output: str | None = None) -> str:
-  path = output or os.path.join(RESULTS, f"{name}.json")
+def argument_parser(doc: str) -> argparse.ArgumentParser:
+  """The flags every benchmark takes: ``--quick`` (smoke size) and ``--output`` (its JSON path)."""
+  parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="small size, for smoke tests")
+  parser.add_argument("--output", default=None,
+                      help="JSON path (default benchmarks/results/<name>[_quick].json)")
+  return parser
+
+
+def write_json(name: str, payload: dict, args: argparse.Namespace) -> str:
+  """Writes ``payload`` with the machine it came from to ``args.output`` or the results folder."""
+  path = args.output or os.path.join(RESULTS, f"{name}{'_quick' if args.quick else ''}.json")
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     json.dump({"machine": machine(), **payload}, f, indent=2)

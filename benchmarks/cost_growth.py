@@ -11,7 +11,6 @@ the figure to read. Every step is compiled first, then all are timed in interlea
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -40,18 +39,26 @@ SIZES = {
 }
 
 
-def configs(size: dict, sweeps):
-  """``(name, jitted step, state, frozen, batch)`` of the frozen model and of every swept point
-  (the backbone arrays are shared); ``name`` is ``(axis, method, value)``."""
-  shape = "tiny" if size is SIZES["quick"] else "t5_1_1_small"
-  backbone = None
-  points = [(("frozen", "-", 0), None, 1)]
+FROZEN = ("frozen", "-", 0)
+
+
+def sweep_points(sweeps) -> dict[tuple, tuple[AdapterConfig | None, int]]:
+  """``(axis, method, value) -> (adapter, tasks in the batch)``, the frozen model first."""
+  points = {FROZEN: (None, 1)}
   for axis, method, fixed, field, values in sweeps:
     for value in values:
       settings = {**fixed, **({} if field == "tasks" else {field: value})}
-      points.append(((axis, method, value), AdapterConfig(method, n_tasks=N_TASKS, **settings),
-                     value if field == "tasks" else N_TASKS))
-  for name, adapter, tasks_in_batch in points:
+      points[axis, method, value] = (AdapterConfig(method, n_tasks=N_TASKS, **settings),
+                                     value if field == "tasks" else N_TASKS)
+  return points
+
+
+def configs(size: dict, points: dict):
+  """``(name, jitted step, state, frozen, batch)`` of every point (the backbone arrays are
+  shared)."""
+  shape = "tiny" if size is SIZES["quick"] else "t5_1_1_small"
+  backbone = None
+  for name, (adapter, tasks_in_batch) in points.items():
     model = EncoderDecoder(preset(shape, adapter=adapter, num_encoder_layers=size["layers"],
                                   num_decoder_layers=size["layers"]))
     params = common.random_params(model, backbone=backbone)
@@ -64,25 +71,20 @@ def configs(size: dict, sweeps):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true")
-  parser.add_argument("--output", default=None)
-  args = parser.parse_args()
+  args = common.argument_parser(__doc__).parse_args()
   size = SIZES["quick" if args.quick else "default"]
   sweeps = [(axis, method, fixed, field, values[:2] if args.quick else values)
             for axis, method, fixed, field, values in (SWEEPS[:1] if args.quick else SWEEPS)]
-  steps = common.compile_steps(configs(size, sweeps))
+  points = sweep_points(sweeps)
+  steps = common.compile_steps(configs(size, points))
   timings = common.interleaved_seconds({name: step.run for name, step in steps.items()},
                                        size["repeats"])
-  frozen = timings.pop(("frozen", "-", 0))["median_s"]
+  frozen = timings.pop(FROZEN)["median_s"]
   print(f"cost growth: {size}, {jax.devices()[0].device_kind}, {os.cpu_count()} cores;"
         f" frozen step {1e3 * frozen:.1f} ms", flush=True)
-  settings = {(axis, method): (fixed, field) for axis, method, fixed, field, _ in sweeps}
   rows = []
   for (axis, method, value), timing in timings.items():
-    fixed, field = settings[axis, method]
-    adapter = AdapterConfig(method, n_tasks=N_TASKS,
-                            **{**fixed, **({} if field == "tasks" else {field: value})})
+    adapter, _ = points[axis, method, value]
     rows.append({"axis": axis, "method": method, "value": value, **timing,
                  "x_frozen": timing["median_s"] / frozen,
                  "params": adapter.param_count(512, 512)["total"]})
@@ -90,9 +92,7 @@ def main():
                             ("value", "value", "d"), ("median_s", "median s", ".4f"),
                             ("x_frozen", "x frozen", ".2f"),
                             ("params", "params/512x512 layer", ",")])
-  suffix = "_quick" if args.quick else ""
-  path = common.write_json(f"cost_growth{suffix}", {"size": size, "frozen_s": frozen,
-                                                     "rows": rows}, args.output)
+  path = common.write_json("cost_growth", {"size": size, "frozen_s": frozen, "rows": rows}, args)
   plot(rows, os.path.splitext(path)[0] + ".png")
   print(f"wrote {path}")
 

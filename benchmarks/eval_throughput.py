@@ -8,7 +8,6 @@ Both scorers' choice scores are checked equal before timing. Prints a table, wri
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -47,10 +46,7 @@ def naive_scores(model, params, encoder_tokens, choice_tokens, task_ids):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true")
-  parser.add_argument("--output", default=None)
-  args = parser.parse_args()
+  args = common.argument_parser(__doc__).parse_args()
   size = SIZES["quick" if args.quick else "default"]
   adapter = AdapterConfig("poly", lora_rank=1, n_skills=8, n_tasks=8)
   model = EncoderDecoder(preset(size["preset"], adapter=adapter))
@@ -76,8 +72,7 @@ def main():
   common.print_table(rows, [("scorer", "scorer", ""), ("median_s", "median s", ".3f"),
                             ("examples_per_s", "examples/s", ".1f"),
                             ("speedup", "x naive", ".2f")])
-  path = common.write_json(f"eval_throughput{'_quick' if args.quick else ''}",
-                           {"size": size, "rows": rows}, args.output)
+  path = common.write_json("eval_throughput", {"size": size, "rows": rows}, args)
   print(f"wrote {path}")
 
 

@@ -177,14 +177,12 @@ def spawn(spec: str, args, methods, peft_seconds: dict) -> list[dict]:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="tiny model, for smoke tests")
+  parser = common.argument_parser(__doc__)
   parser.add_argument("--preset", default=None, help="model shape (default t5_1_1_small)")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--no-peft", action="store_true", help="skip the PyTorch/PEFT side")
   parser.add_argument("--methods", default=",".join(METHODS),
                       help="comma-separated subset of the methods (the frozen step always runs)")
-  parser.add_argument("--output", default=None)
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--peft-seconds", default="{}", help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -222,9 +220,8 @@ def main():
   rows.sort(key=lambda row: row["framework"] != "ours")
   _derive(rows, size, peak)
   _report(rows)
-  path = common.write_json(f"train_step{'_quick' if args.quick else ''}",
-                           {"size": size, "dtype": args.dtype, "matmul_peak_flops": peak,
-                            "rows": rows}, args.output)
+  path = common.write_json("train_step", {"size": size, "dtype": args.dtype,
+                                         "matmul_peak_flops": peak, "rows": rows}, args)
   print(f"wrote {path}")
 
 
