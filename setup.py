@@ -2,8 +2,9 @@
 from setuptools import find_packages, setup
 
 # Lower bounds are the versions this project was built and tested with.
+JAX_VERSION = "0.10.2"
 CORE = [
-    "jax>=0.10.2",
+    f"jax>={JAX_VERSION}",
     "flax>=0.12.8",
     "optax>=0.2.8",
     "orbax-checkpoint>=0.12.8",
@@ -37,6 +38,10 @@ setup(
     packages=find_packages(include=["tensorpoly_jax", "tensorpoly_jax.*"]),
     install_requires=CORE,
     extras_require={"torch": ["torch>=2.13"], "benchmarks": ["torch>=2.13", "peft>=0.21.2"],
-                    "tests": TESTS},
+                    "tests": TESTS,
+                    # libtpu for this jax: TPU runs, and `tensorpoly compile --topology=v4:...`
+                    # on any host.
+                    "tpu": [f"jax[tpu]=={JAX_VERSION}"],
+                    "gcs": ["google-cloud-storage>=2.0"]},
     entry_points={"console_scripts": ["tensorpoly=tensorpoly_jax.cli:main"]},
 )

@@ -65,7 +65,8 @@ class _Adapter(nn.Module):
     ent.check_positive(features=self.features, lora_rank=self.lora_rank)
     tokens = self._flatten_tokens(x)
     lora_a, lora_b = self.factors(tokens.shape[-1], task_ids, routing_weights, deterministic)
-    delta = low_rank_delta(tokens, lora_a, lora_b)
+    # float32 pair norms would otherwise promote the delta, and the block, out of bf16 compute.
+    delta = low_rank_delta(tokens, jnp.asarray(lora_a, self.dtype), jnp.asarray(lora_b, self.dtype))
     return delta.reshape(*x.shape[:-1], self.features)
 
 

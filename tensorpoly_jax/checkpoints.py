@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import warnings
 
 import jax
@@ -16,6 +15,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 from flax.core import unfreeze
+
+from tensorpoly_jax import paths
+from tensorpoly_jax.t5 import layout
 
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_META = "adapter_config.json"
@@ -29,7 +31,7 @@ class CheckpointMismatchError(ValueError):
 
 def manager(directory: str, keep: int) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  return ocp.CheckpointManager(paths.resolve(directory), options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
@@ -52,7 +54,7 @@ def restore_latest(directory: str, keep: int, abstract_state, meta: dict):
     step = mngr.latest_step()
     if step is None:
       return mngr, None, 0
-    where = os.path.join(str(mngr.directory), str(step))
+    where = str(mngr.directory / str(step))
     try:
       saved_meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
       check_meta(saved_meta, meta, where)
@@ -71,15 +73,16 @@ def restore_latest(directory: str, keep: int, abstract_state, meta: dict):
 
 def quarantine(directory: str, step: int) -> str:
   """Moves checkpoint ``step`` out of the manager's sight, keeping every byte of it."""
-  target_root = os.path.abspath(directory) + "_corrupt"
-  os.makedirs(target_root, exist_ok=True)
-  target = os.path.join(target_root, f"{step}")
+  source = paths.resolve(directory)
+  target_root = source.parent / f"{source.name}_corrupt"
+  target_root.mkdir(parents=True, exist_ok=True)
+  target = target_root / f"{step}"
   suffix = 1
-  while os.path.exists(target):
-    target = os.path.join(target_root, f"{step}.{suffix}")
+  while target.exists():
+    target = target_root / f"{step}.{suffix}"
     suffix += 1
-  shutil.move(os.path.join(os.path.abspath(directory), str(step)), target)
-  return target
+  (source / str(step)).rename(target)
+  return str(target)
 
 
 def check_meta(saved: dict, expected: dict, where: str) -> None:
@@ -106,40 +109,38 @@ def abstract(tree):
 def export_adapter(model_dir: str, name: str, adapter_params, meta: dict) -> str:
   """Writes only the adapter and router params (safetensors) and their config (JSON) to
   ``model_dir/name``, refusing a path (``..``, a symlink) that resolves outside ``model_dir``."""
-  from safetensors.numpy import save_file
+  from safetensors.numpy import save
 
+  _check_inside(model_dir, name)
+  directory = paths.resolve(model_dir) / name
+  directory.mkdir(parents=True, exist_ok=True)
+  # One file layout whatever the run's: per-layer names, as HF conversion and T5X use.
+  flat = traverse_util.flatten_dict(layout.unstack_layers(unfreeze(adapter_params)))
+  (directory / ADAPTER_FILE).write_bytes(
+      save({"/".join(k): np.asarray(jax.device_get(v)) for k, v in flat.items()}))
+  (directory / ADAPTER_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+  return str(directory)
+
+
+def _check_inside(model_dir: str, name: str) -> None:
+  """Refuses an export name (``..``, a symlink) that resolves outside ``model_dir``."""
+  if paths.is_remote(model_dir):
+    if ".." in name.split("/"):
+      raise ValueError(f"adapter export {name!r} leaves model_dir {model_dir!r}; exports stay"
+                       " inside the model directory.")
+    return
   directory = os.path.join(model_dir, name)
   root = os.path.realpath(model_dir)
   if os.path.commonpath([root, os.path.realpath(directory)]) != root:
     raise ValueError(f"adapter export {directory!r} resolves to {os.path.realpath(directory)!r},"
                      f" outside model_dir {root!r}; exports stay inside the model directory.")
-  os.makedirs(directory, exist_ok=True)
-  flat = traverse_util.flatten_dict(unfreeze(adapter_params))
-  save_file({"/".join(k): np.asarray(jax.device_get(v)) for k, v in flat.items()},
-            os.path.join(directory, ADAPTER_FILE))
-  with open(os.path.join(directory, ADAPTER_META), "w") as f:
-    json.dump(meta, f, indent=2, sort_keys=True)
-  return directory
-
-
-def check_writable(model_dir: str) -> None:
-  """Fails before any work when ``model_dir`` cannot hold checkpoints."""
-  try:
-    os.makedirs(model_dir, exist_ok=True)
-    probe = os.path.join(model_dir, ".write_probe")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as err:
-    raise ValueError(f"model_dir {model_dir!r} is not writable ({err.strerror}); choose another"
-                     " --model_dir.") from err
 
 
 def load_adapter(directory: str) -> tuple[dict, dict]:
-  """``(adapter params, meta)`` written by ``export_adapter``."""
-  from safetensors.numpy import load_file
+  """``(adapter params, meta)`` written by ``export_adapter`` (per-layer layout, host arrays)."""
+  from safetensors.numpy import load
 
-  with open(os.path.join(directory, ADAPTER_META)) as f:
-    meta = json.load(f)
-  flat = load_file(os.path.join(directory, ADAPTER_FILE))
+  directory = paths.resolve(directory)
+  meta = json.loads((directory / ADAPTER_META).read_text())
+  flat = load((directory / ADAPTER_FILE).read_bytes())
   return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()}), meta

@@ -16,18 +16,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only reads data
 
 import gin  # pylint: disable=wrong-import-position
 
-from tensorpoly_jax import commands, distributed
+from tensorpoly_jax import aot, commands, distributed
 from tensorpoly_jax.methods import AdapterConfig
 from tensorpoly_jax.optimizers import OptimizerConfig
+from tensorpoly_jax.t5.model import RunOptions
 from tensorpoly_jax.trainer import TrainConfig
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-for _cls in (AdapterConfig, OptimizerConfig, TrainConfig):
+for _cls in (AdapterConfig, OptimizerConfig, RunOptions, TrainConfig, aot.StepShapes):
   gin.external_configurable(_cls, module="tensorpoly_jax")
 # gin wraps the functions: the CLI calls these wrapped versions, which read the bindings.
 CONFIGURED = {fn.__name__: gin.external_configurable(fn, module="tensorpoly_jax")
               for fn in (commands.data_setup, commands.train, commands.adapt, commands.evaluate,
-                         commands.model_config, commands.pipeline_run)}
+                         commands.model_config, commands.pipeline_run, commands.compile_step)}
 
 GIN_FLAG = re.compile(r"--gin\.([A-Za-z_][\w./]*)=(.*)", re.S)
 
@@ -77,7 +78,8 @@ def _install_templates(_args) -> int:
 
 
 def _convert(args) -> int:
-  commands.convert(args.checkpoint_dir, args.output_dir, args.dtype, args.allow_pickle)
+  commands.convert(args.checkpoint_dir, args.output_dir, args.dtype, args.allow_pickle,
+                   args.scan_layers)
   return 0
 
 
@@ -96,6 +98,17 @@ def _gin_command(function):
     return 0
 
   return run
+
+
+def _compile(args, gin_flags) -> int:
+  """No data and no weights: shapes come from the gin files; exit 1 when the step does not fit."""
+  parse_gin(["runs/compile.gin", *args.gin_file], gin_flags, None, args.gin_search_paths)
+  try:
+    CONFIGURED["compile_step"](args.stage, args.topology, json_path=args.json)
+  except aot.DoesNotFit as err:
+    print(f"tensorpoly compile: {err}", file=sys.stderr)
+    return 1
+  return 0
 
 
 def _sweep(args, gin_flags) -> int:
@@ -129,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
   sweep.add_argument("--sweep", action="append", required=True, metavar="MACRO=v1,v2,...",
                      help="a macro and its values; repeat for a grid")
   sweep.set_defaults(run=_sweep, takes_gin=True)
+  compile_ = sub.add_parser(
+      "compile", help="ahead-of-time compile of a step for a TPU topology: memory, time, FLOPs")
+  _gin_flags(compile_)
+  compile_.add_argument("--stage", choices=aot.STAGES, default="pretrain")
+  compile_.add_argument("--topology", default="local",
+                        help="a TPU topology (v4:2x2x4, v5e:4x4; needs libtpu) or 'local'")
+  compile_.add_argument("--json", default=None, help="also write the report here")
+  compile_.set_defaults(run=_compile, takes_gin=True)
   demo = sub.add_parser("demo", help="the whole pipeline on the embedded mini-T0 suite")
   demo.add_argument("--model_dir", default="runs/demo")
   demo.add_argument("--quick", action="store_true", help="a small run (minutes) for smoke tests")
@@ -141,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
   convert.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   convert.add_argument("--allow_pickle", action="store_true",
                        help="read pytorch_model.bin pickles (with torch.load(weights_only=True))")
+  convert.add_argument("--scan_layers", action="store_true",
+                       help="store the layers stacked, as scanned presets (xl, xxl, T0) run them")
   convert.set_defaults(run=_convert)
   install = sub.add_parser("install-templates",
                            help="install the promptsource (P3) templates for the T0 tasks")

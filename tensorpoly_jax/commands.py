@@ -9,21 +9,23 @@ import os
 import jax
 import numpy as np
 
-from tensorpoly_jax import checkpoints, evaluation, pipeline
+from tensorpoly_jax import checkpoints, evaluation, partitioning, paths, pipeline
 from tensorpoly_jax.data import tasks
 from tensorpoly_jax.methods import AdapterConfig
 from tensorpoly_jax.t5 import convert as t5_convert
-from tensorpoly_jax.t5.model import (EncoderDecoder, T5Config, dtype_named, merge_params, preset,
-                                     split_params)
+from tensorpoly_jax.t5 import layout
+from tensorpoly_jax.t5.model import (EncoderDecoder, RunOptions, T5Config, abstract_variables,
+                                     merge_params, preset, split_params)
 from tensorpoly_jax.trainer import TrainConfig
 
 SUITES = ("embedded", "t0")
 
 
-def model_config(preset_name: str = "tiny", dtype: str = "float32", remat: bool = False,
-                 dropout_rate: float = 0.0) -> T5Config:
-  """A backbone from a preset (for training one from scratch)."""
-  return preset(preset_name, dtype=dtype_named(dtype), remat=remat, dropout_rate=dropout_rate)
+def model_config(preset_name: str = "tiny", dtype: str = "float32", remat: str = "none",
+                 dropout_rate: float = 0.0, scan_layers: bool | None = None) -> T5Config:
+  """A backbone from a preset (for training one from scratch, or compiling a step)."""
+  config = preset(preset_name)
+  return RunOptions(dtype, remat, dropout_rate, scan_layers).apply(config)
 
 
 def data_setup(suite: str = "embedded", seed: int = 0, data_dir: str | None = None,
@@ -45,14 +47,14 @@ def data_setup(suite: str = "embedded", seed: int = 0, data_dir: str | None = No
 
 def _write_json(path: str, payload) -> None:
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(payload, f, indent=2)
+    target = paths.resolve(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(payload, indent=2))
 
 
 def train(model_dir: str, mixture: str, train_config: TrainConfig,
           adapter: AdapterConfig | None = None, backbone_dir: str | None = None,
-          model: T5Config | None = None, dtype: str = "float32") -> str:
+          model: T5Config | None = None, options: RunOptions | None = None) -> str:
   """With an adapter: multi-task adapter pretraining on ``backbone_dir`` (exported to
   ``model_dir/adapter``). Without: trains the backbone ``model`` itself (``model_dir/backbone``)."""
   if adapter is None:
@@ -60,8 +62,9 @@ def train(model_dir: str, mixture: str, train_config: TrainConfig,
   if backbone_dir is None:
     raise ValueError("adapter training needs BACKBONE_DIR (a `tensorpoly convert` output or a"
                      " trained backbone).")
-  _, export = pipeline.pretrain_adapters(model_dir, backbone_dir, adapter, mixture, train_config,
-                                         dtype_named(dtype))
+  backbone = pipeline.load_backbone(backbone_dir, options or RunOptions(),
+                                    train_config.make_mesh())
+  _, export = pipeline.pretrain_adapters(model_dir, backbone, adapter, mixture, train_config)
   return export
 
 
@@ -72,18 +75,22 @@ def _task_list(names) -> list[str]:
 
 
 def adapt(model_dir: str, backbone_dir: str, adapter_dir: str, heldout, train_config: TrainConfig,
-          shots: int = 16, seeds=(0, 1, 32, 42, 1024), dtype: str = "float32",
+          shots: int = 16, seeds=(0, 1, 32, 42, 1024), options: RunOptions | None = None,
           length_normalize: bool = True, eval_batch_size: int = 32) -> dict:
-  """Few-shot adaptation of every held-out task for every seed, then its evaluation split.
+  """Few-shot adaptation of every held-out task for every seed, then its evaluation split; the
+  backbone is loaded onto the mesh once and shared by every task x seed.
 
   Writes ``model_dir/adapt_results.json``: accuracy per task and seed, and seed summaries."""
+  backbone = pipeline.load_backbone(backbone_dir, options or RunOptions(),
+                                    train_config.make_mesh())
   results = {}
   for task in _task_list(heldout):
     for seed in seeds:
       run_dir = os.path.join(model_dir, "adapt", f"{task}_seed{seed}")
-      model, params, task_id = pipeline.adapt(run_dir, backbone_dir, adapter_dir, task, shots,
-                                              seed, train_config, dtype_named(dtype))
-      accuracy = pipeline.evaluate_task(model, params, task, task_id, train_config.inputs_length,
+      model, params, task_id = pipeline.adapt(run_dir, backbone, adapter_dir, task, shots,
+                                              seed, train_config)
+      accuracy = pipeline.evaluate_task(model, params, backbone.mesh, task, task_id,
+                                        train_config.inputs_length,
                                         train_config.targets_length, batch_size=eval_batch_size,
                                         length_normalize=length_normalize)
       results.setdefault(task, {})[str(seed)] = accuracy
@@ -102,34 +109,41 @@ def adapt(model_dir: str, backbone_dir: str, adapter_dir: str, heldout, train_co
 
 def pipeline_run(model_dir: str, backbone_dir: str, adapter: AdapterConfig, mixture: str,
                  heldout, pretrain_config: TrainConfig, adapt_config: TrainConfig,
-                 shots: int = 16, seeds=(0, 1, 32)) -> dict:
+                 shots: int = 16, seeds=(0, 1, 32), options: RunOptions | None = None) -> dict:
   """Adapter pretraining, then few-shot adaptation and evaluation of the held-out tasks (one
   sweep point)."""
-  adapter_dir = train(model_dir, mixture, pretrain_config, adapter, backbone_dir)
-  return adapt(model_dir, backbone_dir, adapter_dir, heldout, adapt_config, shots, seeds)
+  adapter_dir = train(model_dir, mixture, pretrain_config, adapter, backbone_dir, options=options)
+  return adapt(model_dir, backbone_dir, adapter_dir, heldout, adapt_config, shots, seeds, options)
 
 
 def evaluate(model_dir: str, backbone_dir: str, heldout, adapter_dir: str | None = None,
              split: str = "validation", inputs_length: int = 256, targets_length: int = 256,
-             length_normalize: bool = True, batch_size: int = 32, dtype: str = "float32") -> dict:
+             length_normalize: bool = True, batch_size: int = 32,
+             options: RunOptions | None = None, model_parallel: int = 1) -> dict:
   """Rank-classification accuracy of a backbone, optionally with an exported adapter (an adapted
-  one routes with the task id saved beside it). Writes ``model_dir/eval_results.json``."""
-  config, backbone = t5_convert.load_converted(backbone_dir)
-  params, task_id = backbone, None
+  one routes with the task id saved beside it), with the params placed on the mesh once.
+  Writes ``model_dir/eval_results.json``."""
+  backbone = pipeline.load_backbone(backbone_dir, options or RunOptions(),
+                                    partitioning.make_mesh(model_parallel))
+  config, params, task_id = backbone.config, backbone.params, None
   if adapter_dir is not None:
     adapter_params, meta = checkpoints.load_adapter(adapter_dir)
     config = config.replace(adapter=AdapterConfig(**meta["adapter"]))
-    params, task_id = merge_params(adapter_params, backbone), meta.get("task_id")
-  model = EncoderDecoder(config.replace(dtype=dtype_named(dtype)))
-  results = {task: pipeline.evaluate_task(model, params, task, task_id, inputs_length,
-                                          targets_length, split, batch_size, length_normalize)
+    shardings = split_params(partitioning.param_shardings(
+        abstract_variables(EncoderDecoder(config)), backbone.mesh))[0]
+    adapter_params = jax.device_put(layout.to_layout(adapter_params, config.scan_layers), shardings)
+    params, task_id = merge_params(adapter_params, params), meta.get("task_id")
+  model = EncoderDecoder(config)
+  results = {task: pipeline.evaluate_task(model, params, backbone.mesh, task, task_id,
+                                          inputs_length, targets_length, split, batch_size,
+                                          length_normalize)
              for task in _task_list(heldout)}
   _write_json(os.path.join(model_dir, "eval_results.json"), {"split": split, "accuracy": results})
   return results
 
 
 def convert(checkpoint_dir: str, output_dir: str, dtype: str = "float32",
-            allow_pickle: bool = False) -> None:
+            allow_pickle: bool = False, scan_layers: bool = False) -> None:
   from tqdm import tqdm
 
   import ml_dtypes
@@ -138,5 +152,25 @@ def convert(checkpoint_dir: str, output_dir: str, dtype: str = "float32",
   with tqdm(desc="converting tensors", unit=" tensors") as bar:
     config, params = t5_convert.load_hf_checkpoint(checkpoint_dir, allow_pickle, numpy_dtype,
                                                    progress=lambda name: bar.update(1))
+  if scan_layers:  # stored as scanned runs read it: no layout change at every load
+    config, params = config.replace(scan_layers=True), layout.stack_layers(params)
   t5_convert.save_converted(output_dir, config, params)
   print(f"wrote {output_dir} ({t5_convert.CONVERTED_CONFIG}, {t5_convert.CONVERTED_PARAMS}/)")
+
+
+def compile_step(stage: str, topology: str, model: T5Config, adapter: AdapterConfig | None,
+                 shapes: "aot.StepShapes", optimizer=None, json_path: str | None = None) -> dict:
+  """Ahead-of-time compile of one stage's step for ``topology``; prints the report, writes it to
+  ``json_path``, and raises ``aot.DoesNotFit`` (after writing) when it needs more than the HBM."""
+  from tensorpoly_jax import aot
+
+  train = TrainConfig(batch_size=shapes.batch_size, inputs_length=shapes.inputs_length,
+                      targets_length=shapes.targets_length, model_parallel=shapes.model_parallel,
+                      **({"optimizer": optimizer} if optimizer is not None else {}))
+  report = aot.compile_stage(stage, model.replace(adapter=adapter), shapes, topology, train)
+  print(aot.format_report(report))
+  if json_path:
+    _write_json(json_path, report)
+  if report["fits"] is False:
+    raise aot.DoesNotFit(aot.advice(report))
+  return report

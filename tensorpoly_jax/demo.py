@@ -76,19 +76,20 @@ def run(model_dir: str, config: DemoConfig = DemoConfig()) -> dict:
   length = dict(inputs_length=config.inputs_length, targets_length=config.targets_length)
   backbone_dir = pipeline.train_backbone(os.path.join(model_dir, "backbone"), preset("tiny"),
                                          tasks.EMBEDDED_TRAIN, config.train_config("backbone"))
-  results = {"zero_shot_backbone": _zero_shot(backbone_dir, heldout, length)}
+  backbone = pipeline.load_backbone(backbone_dir)  # once, for every method, task and seed
+  results = {"zero_shot_backbone": _zero_shot(backbone, heldout, length)}
   for method in config.methods:
     method_dir = os.path.join(model_dir, method)
-    _, adapter_dir = pipeline.pretrain_adapters(method_dir, backbone_dir, METHODS[method],
+    _, adapter_dir = pipeline.pretrain_adapters(method_dir, backbone, METHODS[method],
                                                 tasks.EMBEDDED_TRAIN, config.train_config("pretrain"))
     results[method] = {"accuracy": {}, "adaptation_params": None}
     for task in heldout:
       for seed in config.seeds:
         model, params, task_id = pipeline.adapt(
-            os.path.join(method_dir, "adapt", f"{task}_seed{seed}"), backbone_dir, adapter_dir,
+            os.path.join(method_dir, "adapt", f"{task}_seed{seed}"), backbone, adapter_dir,
             task, config.shots, seed, config.train_config("adapt"))
         results[method]["accuracy"].setdefault(task, {})[str(seed)] = pipeline.evaluate_task(
-            model, params, task, task_id, **length)
+            model, params, backbone.mesh, task, task_id, **length)
     results[method]["adaptation_params"] = pipeline.count_params(split_params(params)[0])
   evaluation = {"config": dataclasses.asdict(config), "results": results,
                 "seconds": round(time.time() - started, 1)}
@@ -97,12 +98,11 @@ def run(model_dir: str, config: DemoConfig = DemoConfig()) -> dict:
   return write_report(model_dir, os.path.join(model_dir, EVALUATION_FILE))
 
 
-def _zero_shot(backbone_dir, heldout, length):
+def _zero_shot(backbone: pipeline.Backbone, heldout, length):
   """The backbone alone, before any adaptation (a held-out task's name is new to it)."""
-  from tensorpoly_jax.t5 import convert
   from tensorpoly_jax.t5.model import EncoderDecoder
 
-  config, params = convert.load_converted(backbone_dir)
-  model = EncoderDecoder(config)
-  accuracy = {t: {"-": pipeline.evaluate_task(model, params, t, None, **length)} for t in heldout}
+  model = EncoderDecoder(backbone.config)
+  accuracy = {t: {"-": pipeline.evaluate_task(model, backbone.params, backbone.mesh, t, None,
+                                              **length)} for t in heldout}
   return {"accuracy": accuracy, "adaptation_params": 0}

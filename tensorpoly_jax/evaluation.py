@@ -8,34 +8,55 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tensorpoly_jax import partitioning
 from tensorpoly_jax.t5 import scoring
 from tensorpoly_jax.t5.model import EncoderDecoder
 
 
-@functools.partial(jax.jit, static_argnames=("model", "length_normalize"))
-def _batch_scores(model, params, encoder_tokens, choice_tokens, task_ids, length_normalize):
-  scores = scoring.score_choices(model, {"params": params}, encoder_tokens, choice_tokens,
-                                 task_ids, length_normalize)
-  return jnp.where((choice_tokens > 0).any(-1), scores, -jnp.inf)  # absent choices never win
+def score_fn(model: EncoderDecoder, length_normalize: bool):
+  """``(params, encoder_tokens [b, l], choice_tokens [b, c, t], task_ids [b] | None) -> [b, c]``;
+  absent (all-padding) choices score -inf so they never win."""
+  def scores(params, encoder_tokens, choice_tokens, task_ids):
+    values = scoring.score_choices(model, {"params": params}, encoder_tokens, choice_tokens,
+                                   task_ids, length_normalize)
+    return jnp.where((choice_tokens > 0).any(-1), values, -jnp.inf)
+
+  return scores
 
 
-def predict(model: EncoderDecoder, params, arrays: dict, task_id: int | None,
+@functools.lru_cache(maxsize=16)
+def _jitted_scorer(model: EncoderDecoder, length_normalize: bool, mesh):
+  # Params keep the shardings they were placed with; the scores come back replicated.
+  return jax.jit(score_fn(model, length_normalize), out_shardings=partitioning.replicated(mesh))
+
+
+def predict(model: EncoderDecoder, params, mesh, arrays: dict, task_id: int | None,
             batch_size: int = 32, length_normalize: bool = True) -> np.ndarray:
-  """Predicted choice per example; batches are padded to one shape so the scorer compiles once."""
+  """Predicted choice per example. ``params`` should already be on ``mesh`` (placed once by the
+  caller); batches are split over its ``data`` axis and padded to one shape so the scorer
+  compiles once. Every process passes the same arrays and gets every prediction."""
+  data = mesh.shape["data"]
+  if batch_size % data:
+    raise ValueError(f"eval batch_size={batch_size} must be divisible by the mesh's data axis"
+                     f" ({data}); set EVAL_BATCH_SIZE to a multiple of {data}.")
+  scorer = _jitted_scorer(model, length_normalize, mesh)
+  sharding = partitioning.batch_sharding(mesh)
   total = len(arrays["label"])
   predictions = []
   for start in range(0, total, batch_size):
     index = np.arange(start, start + batch_size) % total
-    ids = None if task_id is None else jnp.full((batch_size,), task_id, jnp.int32)
-    scores = _batch_scores(model, params, arrays["encoder_input_tokens"][index],
-                           arrays["choice_tokens"][index], ids, length_normalize)
+    ids = None if task_id is None else np.full((batch_size,), task_id, np.int32)
+    batch = jax.device_put((arrays["encoder_input_tokens"][index], arrays["choice_tokens"][index],
+                            ids), sharding)
+    scores = scorer(params, *batch)
     predictions.append(np.asarray(scores).argmax(-1)[:min(batch_size, total - start)])
   return np.concatenate(predictions)
 
 
-def accuracy(model, params, arrays, task_id=None, batch_size=32, length_normalize=True) -> float:
-  return float(np.mean(predict(model, params, arrays, task_id, batch_size, length_normalize)
-                       == arrays["label"]))
+def accuracy(model, params, mesh, arrays, task_id=None, batch_size=32,
+             length_normalize=True) -> float:
+  return float(np.mean(predict(model, params, mesh, arrays, task_id, batch_size,
+                               length_normalize) == arrays["label"]))
 
 
 def summarize(accuracies: list[float]) -> dict[str, float]:

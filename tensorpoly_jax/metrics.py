@@ -3,16 +3,17 @@ written by process 0 only."""
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 from tqdm import tqdm
+
+from tensorpoly_jax import paths
 
 METRICS_FILE = "metrics.jsonl"
 
 
 class MetricLogger:
-  """``with MetricLogger(model_dir, "pretrain", start, total) as log: log.step(step, metrics)``."""
+  """``with MetricLogger(model_dir, "pretrain", start, total) as m: m.advance(); m.log(step, metrics)``."""
 
   def __init__(self, model_dir: str, description: str, start: int, total: int):
     self.enabled = jax.process_index() == 0
@@ -21,22 +22,27 @@ class MetricLogger:
                      dynamic_ncols=True, mininterval=1.0)
     self._jsonl = self._writer = None
     if self.enabled:
-      os.makedirs(model_dir, exist_ok=True)
-      self._jsonl = open(os.path.join(model_dir, METRICS_FILE), "a")
+      directory = paths.resolve(model_dir)
+      directory.mkdir(parents=True, exist_ok=True)
+      self._jsonl = (directory / METRICS_FILE).open("a")
       from tensorboardX import SummaryWriter
 
-      self._writer = SummaryWriter(os.path.join(model_dir, "tensorboard"))
+      # tensorboardX writes gs:// and s3:// itself (with their client libraries installed).
+      self._writer = SummaryWriter(str(directory / "tensorboard"))
 
-  def step(self, step: int, metrics: dict, log: bool) -> None:
+  def advance(self) -> None:
+    """One step done (the bar needs no metric values, so no device sync)."""
     self._bar.update(1)
+
+  def log(self, step: int, metrics: dict) -> None:
+    """Writes one step's fetched metrics (floats)."""
     if not self.enabled:
       return
     self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
-    if log:
-      self._jsonl.write(json.dumps({"stage": self.description, "step": step, **metrics}) + "\n")
-      self._jsonl.flush()
-      for key, value in metrics.items():
-        self._writer.add_scalar(f"{self.description}/{key}", value, step)
+    self._jsonl.write(json.dumps({"stage": self.description, "step": step, **metrics}) + "\n")
+    self._jsonl.flush()
+    for key, value in metrics.items():
+      self._writer.add_scalar(f"{self.description}/{key}", value, step)
 
   def __enter__(self):
     return self

@@ -12,13 +12,31 @@ import numpy as np
 from flax import traverse_util
 from flax.core import unfreeze
 
-from tensorpoly_jax import checkpoints, evaluation, trainer
+from tensorpoly_jax import checkpoints, evaluation, partitioning, trainer
 from tensorpoly_jax.data import batches, choices, fewshot, tasks
 from tensorpoly_jax.methods import AdapterConfig
 from tensorpoly_jax.routing import LOGIT_INIT_RANGE
-from tensorpoly_jax.t5 import convert
-from tensorpoly_jax.t5.model import (EncoderDecoder, T5Config, abstract_variables,
+from tensorpoly_jax.t5 import convert, layout
+from tensorpoly_jax.t5.model import (EncoderDecoder, RunOptions, T5Config, abstract_variables,
                                      config_to_dict, merge_params, split_params)
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+  """A frozen backbone loaded once and kept on the mesh, shared by every run that reads it."""
+
+  config: T5Config  # architecture from the checkpoint, run options applied
+  params: dict  # global arrays, sharded by the logical rules on ``mesh``
+  mesh: jax.sharding.Mesh
+
+
+def load_backbone(backbone_dir: str, options: RunOptions = RunOptions(),
+                  mesh: jax.sharding.Mesh | None = None) -> Backbone:
+  """Restores each process's shards of a converted backbone straight onto ``mesh`` (default: all
+  devices, data parallel), in the layout ``options`` ask for."""
+  mesh = mesh or partitioning.make_mesh()
+  config, params = convert.load_converted(backbone_dir, mesh, options.scan_layers)
+  return Backbone(options.apply(config), params, mesh)
 
 
 def init_params(model: EncoderDecoder, seed: int, adapters_only: bool):
@@ -73,15 +91,13 @@ def train_backbone(model_dir: str, config: T5Config, mixture: str, train: traine
   return output
 
 
-def pretrain_adapters(model_dir: str, backbone_dir: str, adapter: AdapterConfig, mixture: str,
-                      train: trainer.TrainConfig, dtype=jnp.float32):
+def pretrain_adapters(model_dir: str, backbone: Backbone, adapter: AdapterConfig, mixture: str,
+                      train: trainer.TrainConfig):
   """Multi-task adapter pretraining: every mixture task is a routing task. Exports the adapter."""
   routing_ids = tasks.routing_ids(tasks.mixture_task_names(mixture))
-  backbone_config, backbone = convert.load_converted(backbone_dir)
-  config = backbone_config.replace(dtype=dtype, adapter=dataclasses.replace(
-      adapter, n_tasks=len(routing_ids)))
+  config = backbone.config.replace(adapter=dataclasses.replace(adapter, n_tasks=len(routing_ids)))
   model = EncoderDecoder(config)
-  params = merge_params(init_params(model, train.seed, adapters_only=True), backbone)
+  params = merge_params(init_params(model, train.seed, adapters_only=True), backbone.params)
   stream = lambda start: batches.lm_batches(
       mixture, local_batch_size(train.batch_size), train.inputs_length, train.targets_length,
       train.seed, start, _shard_info())
@@ -95,7 +111,8 @@ def pretrain_adapters(model_dir: str, backbone_dir: str, adapter: AdapterConfig,
 
 
 def add_router_row(adapter_params, seed: int):
-  """Appends one fresh task row (uniform ±1e-3, as at init) to every router's skill logits."""
+  """Appends one fresh task row (uniform ±1e-3, as at init) to every router's skill logits
+  (per-layer layout: the task axis leads)."""
   flat = traverse_util.flatten_dict(unfreeze(adapter_params))
   rng = np.random.default_rng(seed)
   for path, value in flat.items():
@@ -105,8 +122,8 @@ def add_router_row(adapter_params, seed: int):
   return traverse_util.unflatten_dict(flat)
 
 
-def adapt(model_dir: str, backbone_dir: str, adapter_dir: str, task_name: str, k: int,
-          seed: int, train: trainer.TrainConfig, dtype=jnp.float32):
+def adapt(model_dir: str, backbone: Backbone, adapter_dir: str, task_name: str, k: int,
+          seed: int, train: trainer.TrainConfig):
   """Few-shot adaptation of a held-out task from a pretrained adapter, with a new router row.
 
   Returns ``(model, params, task_id)``; the task is routed with id ``T`` (after the T
@@ -115,11 +132,11 @@ def adapt(model_dir: str, backbone_dir: str, adapter_dir: str, task_name: str, k
   routing_ids = dict(meta["routing_ids"])
   task_id = len(routing_ids)
   routing_ids[task_name] = task_id
-  backbone_config, backbone = convert.load_converted(backbone_dir)
   adapter = AdapterConfig(**{**meta["adapter"], "n_tasks": task_id + 1})
-  config = backbone_config.replace(dtype=dtype, adapter=adapter)
+  config = backbone.config.replace(adapter=adapter)
   model = EncoderDecoder(config)
-  params = merge_params(add_router_row(adapter_params, seed), backbone)
+  adapter_params = layout.to_layout(add_router_row(adapter_params, seed), config.scan_layers)
+  params = merge_params(adapter_params, backbone.params)
   shots = fewshot.register_fewshot(task_name, k, seed)
   arrays = choices.choice_arrays(shots, "train", train.inputs_length, train.targets_length)
   train = dataclasses.replace(train, loss="tfew", seed=seed)
@@ -131,8 +148,8 @@ def adapt(model_dir: str, backbone_dir: str, adapter_dir: str, task_name: str, k
   return model, result.params, task_id
 
 
-def evaluate_task(model: EncoderDecoder, params, task_name: str, task_id: int | None,
+def evaluate_task(model: EncoderDecoder, params, mesh, task_name: str, task_id: int | None,
                   inputs_length: int, targets_length: int, split: str = "validation",
                   batch_size: int = 32, length_normalize: bool = True) -> float:
   arrays = choices.choice_arrays(task_name, split, inputs_length, targets_length)
-  return evaluation.accuracy(model, params, arrays, task_id, batch_size, length_normalize)
+  return evaluation.accuracy(model, params, mesh, arrays, task_id, batch_size, length_normalize)

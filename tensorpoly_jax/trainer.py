@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.experimental import multihost_utils
 
-from tensorpoly_jax import checkpoints, losses, partitioning
+from tensorpoly_jax import checkpoints, losses, partitioning, paths
 from tensorpoly_jax.metrics import MetricLogger
 from tensorpoly_jax.optimizers import OptimizerConfig, make_optimizer
 from tensorpoly_jax.t5 import scoring
@@ -51,6 +52,11 @@ class TrainConfig:
         raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
     if self.loss not in losses.LOSS_MODES:
       raise ValueError(f"loss {self.loss!r} is unknown; choose one of {losses.LOSS_MODES}.")
+
+  def make_mesh(self):
+    """The run's ``('data', 'model')`` mesh over ``num_devices`` devices (0: all)."""
+    devices = jax.devices()[:self.num_devices] if self.num_devices else None
+    return partitioning.make_mesh(self.model_parallel, devices)
 
 
 @struct.dataclass
@@ -126,9 +132,8 @@ def train(model: EncoderDecoder, params, batches: Callable[[int], Iterator[dict]
   ``batches(start_step)`` yields this process's numpy batches from that step on;
   ``abstract_variables`` (``jax.eval_shape`` of ``model.init``) carries the logical axes.
   """
-  checkpoints.check_writable(model_dir)
-  devices = jax.devices()[:config.num_devices] if config.num_devices else None
-  mesh = partitioning.make_mesh(config.model_parallel, devices)
+  paths.check_writable(model_dir)
+  mesh = config.make_mesh()
   if config.batch_size % mesh.shape["data"]:
     raise ValueError(
         f"batch_size={config.batch_size} must be divisible by the mesh's data axis"
@@ -141,16 +146,16 @@ def train(model: EncoderDecoder, params, batches: Callable[[int], Iterator[dict]
     trainable, frozen = split_params(params)
     trainable_shardings, frozen_shardings = split_params(shardings)
   shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
-  init_fn, step_fn = _compiled(model, dataclasses.replace(config, seed=0), mesh,
-                               _Layout(shapes, trainable_shardings, frozen_shardings))
-  frozen = jax.device_put(frozen, frozen_shardings)
-  state = init_fn(jax.device_put(trainable, trainable_shardings), jax.random.PRNGKey(config.seed))
+  steps = build_steps(model, config, mesh, shapes, trainable_shardings, frozen_shardings)
+  frozen = jax.device_put(frozen, frozen_shardings)  # a no-op for params already on the mesh
+  state = steps.init(jax.device_put(trainable, trainable_shardings),
+                     jax.random.PRNGKey(config.seed))
   mngr, restored, start = checkpoints.restore_latest(
-      os.path.join(model_dir, "checkpoints"), config.keep_checkpoints,
+      str(paths.resolve(model_dir) / "checkpoints"), config.keep_checkpoints,
       checkpoints.abstract(state), meta)
   with contextlib.closing(mngr):
     state = restored if restored is not None else state
-    state, history = _loop(state, frozen, step_fn, batches(start), mesh, start, config, mngr,
+    state, history = _loop(state, frozen, steps.step, batches(start), mesh, start, config, mngr,
                            meta, model_dir, description)
   return TrainResult(merge_params(state.params, frozen), history, start, state)
 
@@ -176,9 +181,24 @@ class _Layout:
     return isinstance(other, _Layout) and self._leaves() == other._leaves()
 
 
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """A run's jitted state initializer and train step, and the train state's shardings."""
+
+  init: Callable
+  step: Callable
+  state_shardings: TrainState
+
+
+def build_steps(model: EncoderDecoder, config: TrainConfig, mesh, trainable_shapes,
+                trainable_shardings, frozen_shardings) -> Steps:
+  """The jitted init and step for params of these shapes and shardings (cached by value)."""
+  return _compiled(model, dataclasses.replace(config, seed=0), mesh,
+                   _Layout(trainable_shapes, trainable_shardings, frozen_shardings))
+
+
 @functools.lru_cache(maxsize=16)
-def _compiled(model: EncoderDecoder, config: TrainConfig, mesh, layout: _Layout):
-  """Jitted state initializer and train step, with the state sharded by the logical rules."""
+def _compiled(model: EncoderDecoder, config: TrainConfig, mesh, layout: _Layout) -> Steps:
   optimizer = make_optimizer(config.optimizer, layout.trainable_shapes, config.steps)
   replicated = partitioning.replicated(mesh)
   opt_shapes = jax.eval_shape(optimizer.init, layout.trainable_shapes)
@@ -189,55 +209,91 @@ def _compiled(model: EncoderDecoder, config: TrainConfig, mesh, layout: _Layout)
                                                 optimizer.init(params), rng),
                  out_shardings=shardings)
   step = jax.jit(make_train_step(model, optimizer, config.loss, config.tfew_weights),
-                 in_shardings=(shardings, layout.frozen_shardings, None),
+                 in_shardings=(shardings, layout.frozen_shardings,
+                               partitioning.batch_sharding(mesh)),
                  out_shardings=(shardings, replicated), donate_argnums=(0,))
-  return init, step
+  return Steps(init, step, shardings)
 
 
 def _loop(state, frozen, step_fn, batches, mesh, start, config, mngr, meta, model_dir,
           description):
-  """Runs steps ``start+1..config.steps``; returns the final state and the logged metrics."""
-  history = []
+  """Runs steps ``start+1..config.steps``; returns the final state and the logged metrics.
+
+  Metrics stay on the devices between log points (no host sync per step, which would stall an
+  accelerator); they are fetched every ``log_every`` steps and before every checkpoint, so a
+  non-finite loss is caught before a checkpoint could keep it.
+  """
+  history, pending = [], []
   last_saved = mngr.latest_step()
   with MetricLogger(model_dir, description, start, config.steps) as logger, \
-      _PreemptionNotice() as preemption:
+      PreemptionNotice() as preemption:
     for step in range(start + 1, config.steps + 1):
       state, metrics = step_fn(state, frozen, partitioning.shard_batch(next(batches), mesh))
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not math.isfinite(metrics["loss"]):
-        kept = f"checkpoint step {last_saved} in {mngr.directory}" if last_saved else "no checkpoint"
-        raise TrainingDiverged(
-            f"loss became {metrics['loss']} at step {step}; stopped without saving it ({kept} is"
-            " the last good state). Lower the learning rate or check the data.")
-      logger.step(step, metrics, log=step % config.log_every == 0 or step == config.steps)
-      if step % config.log_every == 0 or step == config.steps:
-        history.append({"step": step, **metrics})
-      if step % config.checkpoint_every == 0 or step == config.steps or preemption.received:
+      pending.append((step, metrics))
+      logger.advance()
+      preempted = preemption.reached(step)
+      log = step % config.log_every == 0 or step == config.steps
+      save = step % config.checkpoint_every == 0 or step == config.steps or preempted
+      if not (log or save):
+        continue
+      fetched = _fetch_finite(pending, mngr, last_saved)
+      pending = []
+      if log:
+        logger.log(step, fetched)
+        history.append({"step": step, **fetched})
+      if save:
         checkpoints.save(mngr, step, state, {**meta, "data_position": step})
         last_saved = step
-      if preemption.received:
-        raise Preempted(f"SIGTERM received: saved checkpoint step {step} in {mngr.directory};"
-                        " run the same command again to resume from it.")
+      if preempted:
+        raise Preempted(f"preemption notice: every process saved checkpoint step {step} in"
+                        f" {mngr.directory}; run the same command again to resume from it.")
   return state, history
+
+
+def _fetch_finite(pending, mngr, last_saved) -> dict:
+  """The newest step's metrics as floats; raises TrainingDiverged naming the first step (and the
+  unchecked interval) whose loss was not finite."""
+  values = jax.device_get([metrics for _, metrics in pending])
+  for (step, _), metrics in zip(pending, values):
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+      kept = (f"checkpoint step {last_saved} in {mngr.directory}" if last_saved
+              else "no checkpoint")
+      raise TrainingDiverged(
+          f"loss became {loss} at step {step} (steps {pending[0][0]}-{pending[-1][0]} were checked"
+          f" together); stopped without saving it ({kept} is the last good state). Lower the"
+          " learning rate or check the data.")
+  return {k: float(v) for k, v in values[-1].items()}
 
 
 class Preempted(Exception):
   """Training stopped on SIGTERM (a TPU preemption notice) after saving a checkpoint."""
 
 
-class _PreemptionNotice:
-  """Notes SIGTERM so the loop can checkpoint at the next step boundary and stop cleanly."""
+class PreemptionNotice:
+  """Turns a preemption notice (SIGTERM) into one step at which every process saves.
+
+  Several processes: JAX's preemption sync service (started by ``jax.distributed.initialize``)
+  catches SIGTERM on whichever host receives it and agrees with the others on the next safe step,
+  so all hosts save that same step. One process: a SIGTERM handler, saving at the next step.
+  """
 
   def __init__(self):
     self.received = False
     self._previous = None
+    self._shared = jax.process_count() > 1
 
   def _handle(self, signum, frame):
     del signum, frame
     self.received = True
 
+  def reached(self, step: int) -> bool:
+    if self._shared:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.received
+
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if not self._shared and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 

@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end at their --quick size and write the JSON they describe
 (smoke tests: no timing is asserted)."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -45,3 +46,15 @@ def test_eval_throughput_and_cost_growth(tmp_path):
   result, _ = _run("adapter_layer.py", tmp_path / "layer.json")
   assert set(result["rows"]) == {"frozen", "lora", "tlora", "poly", "mhr", "tensorpoly_i",
                                  "tensorpoly_ii"}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="needs libtpu (pip install 'tensorpoly-jax[tpu]'; .ci/run installs it)")
+def test_compile_benchmark_compares_scanned_with_per_layer(tmp_path):
+  result, stdout = _run("compile.py", tmp_path / "compile.json", "--methods", "lora")
+  rows = {(r["depth"], r["scan"]): r for r in result["rows"]}
+  assert set(rows) == {(1, False), (2, True), (1, True)}  # no per-layer run at the deepest
+  for (depth, scan), row in rows.items():
+    assert row["compile_s"] > 0 and 0 < row["per_device_gib"] < 16 and row["fits"] is True
+    assert (row["x_faster_than_per_layer"] is not None) == (scan and depth == 1)
+  assert "x per-layer" in stdout

@@ -1,6 +1,7 @@
 """Two local processes joined by jax.distributed train exactly like one process over the same
 global batches, and their checkpoint restores in a single-process run."""
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -51,18 +52,27 @@ def backbone_dir(tmp_path_factory):
   return out
 
 
-@pytest.fixture(scope="module")
-def two_process_run(backbone_dir, tmp_path_factory):
-  """``tensorpoly train`` as 2 processes x 4 CPU devices: the global mesh has 8 devices."""
-  model_dir = tmp_path_factory.mktemp("two")
+def _run_processes(model_dir, backbone_dir, preempted_process=None, after_step=None):
+  """``tensorpoly train`` as 2 processes x 4 CPU devices (a global mesh of 8); optionally one
+  process receives SIGTERM after saving ``after_step``. Returns each process's output."""
   port = _free_port()
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "JAX_PLATFORMS": "cpu"}
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "tensorpoly_jax", *_pretrain_args(model_dir, backbone_dir),
-       f"--coordinator_address=localhost:{port}", f"--num_processes={PROCESSES}",
-       f"--process_id={index}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True) for index in range(PROCESSES)]
+
+  def command(index):
+    if index == preempted_process:
+      return [os.path.join(ROOT, "tests", "preempt_one_host.py")], {"PREEMPT_AFTER_STEP":
+                                                                     str(after_step)}
+    return ["-m", "tensorpoly_jax"], {}
+
+  procs = []
+  for index in range(PROCESSES):
+    entry, extra_env = command(index)
+    procs.append(subprocess.Popen(
+        [sys.executable, *entry, *_pretrain_args(model_dir, backbone_dir),
+         f"--coordinator_address=localhost:{port}", f"--num_processes={PROCESSES}",
+         f"--process_id={index}"], cwd=ROOT, env={**env, **extra_env}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True))
   outputs = []
   for proc in procs:
     try:
@@ -73,7 +83,13 @@ def two_process_run(backbone_dir, tmp_path_factory):
       raise
   for index, (proc, output) in enumerate(zip(procs, outputs)):
     assert proc.returncode == 0, f"process {index} failed:\n{output[-4000:]}"
-  return model_dir, outputs
+  return outputs
+
+
+@pytest.fixture(scope="module")
+def two_process_run(backbone_dir, tmp_path_factory):
+  model_dir = tmp_path_factory.mktemp("two")
+  return model_dir, _run_processes(model_dir, backbone_dir)
 
 
 @pytest.mark.slow
@@ -105,6 +121,21 @@ def test_two_process_checkpoint_restores_in_one_process(two_process_run, backbon
   # Unsharded data: only a restored step-10 state (no steps left to run) re-exports the same.
   assert cli.main(_pretrain_args(model_dir, backbone_dir)) == 0
   _assert_same(_adapter(model_dir), exported, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_host_makes_every_host_save_the_same_step(two_process_run, backbone_dir,
+                                                                 tmp_path):
+  outputs = _run_processes(tmp_path, backbone_dir, preempted_process=1, after_step=5)
+  saved = [re.findall(r"every process saved checkpoint step (\d+)", out) for out in outputs]
+  assert saved[0] and saved[0] == saved[1], outputs  # both stopped, at one agreed step
+  step = int(saved[0][0])
+  assert 5 < step < 10
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["5", str(step)]
+  # The same command resumes from that step and ends where an uninterrupted run ends.
+  resumed = _run_processes(tmp_path, backbone_dir)
+  assert "saved checkpoint" not in resumed[0]
+  _assert_same(_adapter(tmp_path), _adapter(two_process_run[0]), rtol=1e-5, atol=1e-7)
 
 
 def test_process_group_from_flags_and_environment():

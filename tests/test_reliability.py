@@ -40,7 +40,8 @@ def backbone(tmp_path_factory):
 
 def pretrain(model_dir, backbone, config, adapter=None):
   adapter = adapter or AdapterConfig("lora", lora_rank=2)
-  return pipeline.pretrain_adapters(str(model_dir), backbone, adapter, tasks.EMBEDDED_TRAIN, config)
+  loaded = pipeline.load_backbone(backbone, mesh=config.make_mesh())
+  return pipeline.pretrain_adapters(str(model_dir), loaded, adapter, tasks.EMBEDDED_TRAIN, config)
 
 
 def test_damaged_latest_checkpoint_falls_back_and_is_kept(backbone, tmp_path):

@@ -178,7 +178,7 @@ def test_remat_and_bf16_options(tmp_path):
   config, params = converted_tiny(tmp_path)
   inputs, targets = random_batch()
   reference = flax_logits(config, params, inputs, targets)
-  np.testing.assert_allclose(flax_logits(config.replace(remat=True), params, inputs, targets),
+  np.testing.assert_allclose(flax_logits(config.replace(remat="full"), params, inputs, targets),
                              reference, rtol=1e-5, atol=1e-5)
   bf16 = flax_logits(config.replace(dtype=jnp.bfloat16), params, inputs, targets)
   valid = targets > 0

@@ -44,7 +44,8 @@ def backbone_dir(tmp_path_factory):
 
 def pretrain(model_dir, backbone_dir, config, adapter=None):
   adapter = adapter or AdapterConfig("tensorpoly_i", lora_rank=2, n_skills=4, order=2)
-  return pipeline.pretrain_adapters(str(model_dir), backbone_dir, adapter, tasks.EMBEDDED_TRAIN,
+  backbone = pipeline.load_backbone(backbone_dir, mesh=config.make_mesh())
+  return pipeline.pretrain_adapters(str(model_dir), backbone, adapter, tasks.EMBEDDED_TRAIN,
                                     config)
 
 

@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from tensorpoly_jax.t5.model import EncoderDecoder, T5Config, config_from_dict, config_to_dict
+from tensorpoly_jax.t5 import layout
+from tensorpoly_jax.t5.model import (EncoderDecoder, T5Config, abstract_variables,
+                                     config_from_dict, config_to_dict)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -198,24 +200,45 @@ def save_converted(output_dir: str, config: T5Config, params) -> None:
   writes the JSON."""
   import orbax.checkpoint as ocp
 
-  os.makedirs(output_dir, exist_ok=True)
+  from tensorpoly_jax import paths
+
+  directory = paths.resolve(output_dir)
+  directory.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
-    with open(os.path.join(output_dir, CONVERTED_CONFIG), "w") as f:
-      json.dump(config_to_dict(config), f, indent=2)
+    (directory / CONVERTED_CONFIG).write_text(json.dumps(config_to_dict(config), indent=2))
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.abspath(os.path.join(output_dir, CONVERTED_PARAMS)), params)
+  checkpointer.save(directory / CONVERTED_PARAMS, params)
   checkpointer.wait_until_finished()
 
 
-def load_converted(output_dir: str) -> tuple[T5Config, dict]:
+def load_converted(output_dir: str, mesh=None, scan_layers: bool | None = None
+                   ) -> tuple[T5Config, dict]:
+  """``(config, params)`` of a ``save_converted`` folder.
+
+  Without ``mesh``: host numpy arrays. With ``mesh``: each process restores only its own shards,
+  straight into the shardings the logical rules give on that mesh (never a full host copy).
+  ``scan_layers`` (``None``: as saved) converts the layout, on device when there is a mesh.
+  """
   import orbax.checkpoint as ocp
 
-  with open(os.path.join(output_dir, CONVERTED_CONFIG)) as f:
-    config = config_from_dict(json.load(f))
+  from tensorpoly_jax import partitioning, paths
+
+  directory = paths.resolve(output_dir)
+  config = config_from_dict(json.loads((directory / CONVERTED_CONFIG).read_text()))
   checkpointer = ocp.StandardCheckpointer()
-  path = os.path.abspath(os.path.join(output_dir, CONVERTED_PARAMS))
-  # Host numpy arrays, not the writer's device layout: the reader's hosts and mesh may differ.
-  saved = checkpointer.metadata(path).item_metadata
+  path = directory / CONVERTED_PARAMS
+  saved = checkpointer.metadata(path).item_metadata.tree
+  target_scan = config.scan_layers if scan_layers is None else scan_layers
+  if mesh is None:  # the reader's hosts and mesh may differ from the writer's
+    params = checkpointer.restore(path, jax.tree_util.tree_map(
+        lambda leaf: np.empty(leaf.shape, leaf.dtype), saved))
+    return config.replace(scan_layers=target_scan), layout.to_layout(params, target_scan)
+  shardings = partitioning.param_shardings(abstract_variables(EncoderDecoder(config)), mesh)
   params = checkpointer.restore(path, jax.tree_util.tree_map(
-      lambda leaf: np.empty(leaf.shape, leaf.dtype), saved.tree))
+      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+      saved, shardings))
+  if target_scan != config.scan_layers:
+    config = config.replace(scan_layers=target_scan)
+    target = partitioning.param_shardings(abstract_variables(EncoderDecoder(config)), mesh)
+    params = jax.jit(lambda p: layout.to_layout(p, target_scan), out_shardings=target)(params)
   return config, params

@@ -14,9 +14,10 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import traverse_util
 from flax.core import unfreeze
+from flax.linen import partitioning as nn_partitioning
 
 from tensorpoly_jax.methods import AdapterConfig
-from tensorpoly_jax.routing import Router
+from tensorpoly_jax.routing import ROUTING_RNG, Router
 from tensorpoly_jax.t5 import layers
 
 
@@ -38,11 +39,31 @@ class T5Config:
   max_distance: int = 128
   layer_norm_epsilon: float = 1e-6
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: str = "none"  # "none", "full" (recompute each block) or "dots" (save matmul outputs)
+  scan_layers: bool = False  # one nn.scan over each stack's blocks, params stacked on "layers"
   adapter: AdapterConfig | None = None
+
+  def __post_init__(self):
+    if isinstance(self.remat, bool):  # configs written before remat policies: True was "full"
+      object.__setattr__(self, "remat", "full" if self.remat else "none")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={self.remat!r} is unknown; choose one of {sorted(REMAT_POLICIES)}"
+                       " (gin: model_config.remat / REMAT).")
+    if self.scan_layers and self.adapter is not None and "layers_" in self.adapter.targets:
+      raise ValueError(
+          f"adapter targets {self.adapter.targets!r} name single layers, but scanned layers share"
+          " one module per stack; select modules by name only, or set scan_layers=False.")
 
   def replace(self, **changes) -> "T5Config":
     return dataclasses.replace(self, **changes)
+
+
+# What a rematerialized block keeps from its forward pass for the backward pass.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
 
 
 _V1_1 = dict(vocab_size=32128, head_dim=64, mlp_activations=("gelu", "linear"),
@@ -56,10 +77,11 @@ PRESETS: dict[str, T5Config] = {
                             num_encoder_layers=12, num_decoder_layers=12),
     "t5_1_1_large": T5Config(**_V1_1, emb_dim=1024, num_heads=16, mlp_dim=2816,
                              num_encoder_layers=24, num_decoder_layers=24),
+    # Scanned: compile time and HLO size stay flat in depth at the sizes that run on pods.
     "t5_1_1_xl": T5Config(**_V1_1, emb_dim=2048, num_heads=32, mlp_dim=5120,
-                          num_encoder_layers=24, num_decoder_layers=24),
+                          num_encoder_layers=24, num_decoder_layers=24, scan_layers=True),
     "t5_1_1_xxl": T5Config(**_V1_1, emb_dim=4096, num_heads=64, mlp_dim=10240,
-                           num_encoder_layers=24, num_decoder_layers=24),
+                           num_encoder_layers=24, num_decoder_layers=24, scan_layers=True),
 }
 # T0 is T5 v1.1 LM-adapted (same shapes as v1.1 xl / xxl), multitask prompted.
 PRESETS["t0_3b"] = PRESETS["t5_1_1_xl"]
@@ -81,18 +103,39 @@ def dtype_named(name: str):
   return DTYPES[name]
 
 
-def _layer_class(cls, config: T5Config, static_argnums):
-  return nn.remat(cls, static_argnums=static_argnums) if config.remat else cls
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+  """How a run computes, set by gin over whatever architecture a checkpoint holds: compute dtype,
+  rematerialization policy, dropout, and (``None``: as the preset says) scanned layers."""
+
+  dtype: str = "float32"
+  remat: str = "none"
+  dropout_rate: float = 0.0
+  scan_layers: bool | None = None
+
+  def __post_init__(self):
+    dtype_named(self.dtype)
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"RunOptions.remat={self.remat!r} is unknown; choose one of"
+                       f" {sorted(REMAT_POLICIES)}.")
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f"RunOptions.dropout_rate must be in [0, 1), got {self.dropout_rate}.")
+
+  def apply(self, config: T5Config) -> T5Config:
+    scan = config.scan_layers if self.scan_layers is None else self.scan_layers
+    return config.replace(dtype=dtype_named(self.dtype), remat=self.remat,
+                          dropout_rate=self.dropout_rate, scan_layers=scan)
 
 
 class EncoderLayer(nn.Module):
+  """One encoder block; returns ``(x, None)`` under scan (a scan body's carry and output)."""
+
   config: T5Config
-  relative_embedding: nn.Module
+  deterministic: bool
 
   @nn.compact
-  def __call__(self, inputs, encoder_mask, routing, deterministic):
-    cfg = self.config
-    bias = self.relative_embedding(inputs.shape[-2], inputs.shape[-2], True)
+  def __call__(self, inputs, bias, encoder_mask, routing):
+    cfg, deterministic = self.config, self.deterministic
     x = layers.LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_attention_layer_norm")(inputs)
     x = layers.MultiHeadDotProductAttention(
         cfg.num_heads, cfg.head_dim, cfg.dtype, cfg.dropout_rate, adapter=cfg.adapter,
@@ -100,17 +143,19 @@ class EncoderLayer(nn.Module):
     x = _dropout(cfg, x, deterministic) + inputs
     y = layers.LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_mlp_layer_norm")(x)
     y = _mlp(cfg)(y, routing, deterministic=deterministic)
-    return _dropout(cfg, y, deterministic) + x
+    y = _dropout(cfg, y, deterministic) + x
+    return (y, None) if cfg.scan_layers else y
 
 
 class DecoderLayer(nn.Module):
+  """One decoder block; returns ``(y, None)`` under scan."""
+
   config: T5Config
-  relative_embedding: nn.Module
+  deterministic: bool
 
   @nn.compact
-  def __call__(self, inputs, encoded, decoder_mask, encoder_decoder_mask, routing, deterministic):
-    cfg = self.config
-    bias = self.relative_embedding(inputs.shape[-2], inputs.shape[-2], False)
+  def __call__(self, inputs, encoded, bias, decoder_mask, encoder_decoder_mask, routing):
+    cfg, deterministic = self.config, self.deterministic
     x = layers.LayerNorm(cfg.layer_norm_epsilon, cfg.dtype,
                          name="pre_self_attention_layer_norm")(inputs)
     x = layers.MultiHeadDotProductAttention(
@@ -126,7 +171,8 @@ class DecoderLayer(nn.Module):
     y = _dropout(cfg, y, deterministic) + x
     z = layers.LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_mlp_layer_norm")(y)
     z = _mlp(cfg)(z, routing, deterministic=deterministic)
-    return _dropout(cfg, z, deterministic) + y
+    z = _dropout(cfg, z, deterministic) + y
+    return (z, None) if cfg.scan_layers else z
 
 
 def _mlp(cfg: T5Config):
@@ -143,6 +189,26 @@ def _relpos(cfg: T5Config):
                                        cfg.dtype, name="relpos_bias")
 
 
+def _run_blocks(block_cls, cfg: T5Config, num_layers: int, deterministic: bool, x, *shared):
+  """Applies ``num_layers`` blocks to ``x`` (each also takes the ``shared`` inputs): as modules
+  ``layers_0..`` or, with ``scan_layers``, as one scanned module ``layers`` whose params carry a
+  leading ``layers`` axis (T5X's ``scan_layers`` layout)."""
+  if cfg.remat != "none":
+    # Under scan, the loop already keeps XLA from merging recomputation into the forward pass.
+    block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[cfg.remat],
+                         prevent_cse=not cfg.scan_layers)
+  if not cfg.scan_layers:
+    for index in range(num_layers):
+      x = block_cls(cfg, deterministic, name=f"layers_{index}")(x, *shared)
+    return x
+  scanned = nn_partitioning.scan_with_axes(
+      block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True,
+                                                          ROUTING_RNG: True},
+      in_axes=(nn.broadcast,) * len(shared), length=num_layers, axis_name="layers")
+  x, _ = scanned(cfg, deterministic, name="layers")(x, *shared)
+  return x
+
+
 class Encoder(nn.Module):
   config: T5Config
   shared_embedding: nn.Module
@@ -150,12 +216,10 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, tokens, encoder_mask, routing, deterministic):
     cfg = self.config
-    relative_embedding = _relpos(cfg)
     x = _dropout(cfg, self.shared_embedding(tokens.astype("int32")), deterministic)
-    layer_cls = _layer_class(EncoderLayer, cfg, static_argnums=(4,))
-    for index in range(cfg.num_encoder_layers):
-      x = layer_cls(cfg, relative_embedding, name=f"layers_{index}")(
-          x, encoder_mask, routing, deterministic)
+    bias = _relpos(cfg)(x.shape[-2], x.shape[-2], True)  # shared by every block
+    x = _run_blocks(EncoderLayer, cfg, cfg.num_encoder_layers, deterministic, x, bias,
+                    encoder_mask, routing)
     x = layers.LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="encoder_norm")(x)
     return _dropout(cfg, x, deterministic)
 
@@ -168,12 +232,10 @@ class Decoder(nn.Module):
   def __call__(self, encoded, decoder_input_tokens, decoder_mask, encoder_decoder_mask, routing,
                deterministic):
     cfg = self.config
-    relative_embedding = _relpos(cfg)
     y = _dropout(cfg, self.shared_embedding(decoder_input_tokens.astype("int32")), deterministic)
-    layer_cls = _layer_class(DecoderLayer, cfg, static_argnums=(6,))
-    for index in range(cfg.num_decoder_layers):
-      y = layer_cls(cfg, relative_embedding, name=f"layers_{index}")(
-          y, encoded, decoder_mask, encoder_decoder_mask, routing, deterministic)
+    bias = _relpos(cfg)(y.shape[-2], y.shape[-2], False)
+    y = _run_blocks(DecoderLayer, cfg, cfg.num_decoder_layers, deterministic, y, encoded, bias,
+                    decoder_mask, encoder_decoder_mask, routing)
     y = layers.LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="decoder_norm")(y)
     y = _dropout(cfg, y, deterministic)
     if cfg.logits_via_embedding:  # v1.0: tied output layer, rescaled as T5 does
@@ -280,11 +342,16 @@ def merge_params(adapter, backbone) -> dict:
   return traverse_util.unflatten_dict(flat)
 
 
+# Run options, not architecture: a checkpoint neither records nor imposes them.
+RUN_FIELDS = ("adapter", "dtype", "remat", "dropout_rate")
+
+
 def config_to_dict(config: T5Config) -> dict:
-  """The backbone fields of a config as JSON values (no dtype, no adapter)."""
+  """The architecture fields of a config as JSON values (``scan_layers`` included: it is the
+  params' layout)."""
   fields = dataclasses.asdict(config.replace(adapter=None))
-  fields.pop("adapter")
-  fields.pop("dtype")
+  for name in RUN_FIELDS:
+    fields.pop(name)
   fields["mlp_activations"] = list(fields["mlp_activations"])
   return fields
 

@@ -1,0 +1,110 @@
+"""Scanned layers (one nn.scan per stack, params stacked on ``layers``) compute what the per-layer
+model computes, and params move between the two layouts wherever they are stored."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+from jax.sharding import PartitionSpec as P
+
+from tensorpoly_jax import partitioning, pipeline
+from tensorpoly_jax.methods import AdapterConfig
+from tensorpoly_jax.t5 import convert, layout
+from tensorpoly_jax.t5.model import EncoderDecoder, RunOptions, abstract_variables, preset
+
+ADAPTERS = [AdapterConfig("lora", lora_rank=2),
+            AdapterConfig("mhr", lora_rank=2, n_tasks=3, n_skills=4, n_splits=2),
+            AdapterConfig("tensorpoly_ii", lora_rank=2, n_tasks=3, n_skills=4, order=2)]
+
+
+def _batch():
+  rng = np.random.default_rng(0)
+  inputs = jnp.asarray(rng.integers(2, 500, (3, 7)), jnp.int32)
+  targets = jnp.asarray(rng.integers(2, 500, (3, 5)), jnp.int32)
+  return inputs, targets, jnp.array([0, 2, 1])
+
+
+def _perturbed_params(model, inputs, targets, task_ids):
+  """Init params moved off their init (B = 0 would hide an adapter bug) by seeded noise."""
+  params = model.init(jax.random.PRNGKey(0), inputs, targets, targets, enable_dropout=False,
+                      task_ids=task_ids)["params"]
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  return jax.tree_util.tree_unflatten(
+      treedef, [x + 0.02 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def _loss_and_grads(model, params, inputs, targets, task_ids):
+  def loss(p):
+    logits = model.apply({"params": p}, inputs, targets, targets, enable_dropout=False,
+                         task_ids=task_ids)
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1).mean()
+
+  return jax.value_and_grad(loss)(params)
+
+
+@pytest.mark.parametrize("adapter,remat", [(ADAPTERS[0], "none"), (ADAPTERS[1], "full"),
+                                           (ADAPTERS[2], "dots")],
+                         ids=lambda v: getattr(v, "method", v))
+def test_scanned_model_equals_per_layer_model(adapter, remat):
+  inputs, targets, task_ids = _batch()
+  config = preset("tiny", adapter=adapter)
+  per_layer = EncoderDecoder(config)
+  scanned = EncoderDecoder(config.replace(scan_layers=True, remat=remat))
+  params = _perturbed_params(per_layer, inputs, targets, task_ids)
+  stacked = layout.stack_layers(params)
+  expected_shapes = jax.tree_util.tree_map(lambda v: v.shape, abstract_variables(scanned)["params"])
+  assert jax.tree_util.tree_map(lambda v: v.shape, stacked) == expected_shapes
+  loss, grads = _loss_and_grads(per_layer, params, inputs, targets, task_ids)
+  scanned_loss, scanned_grads = _loss_and_grads(scanned, stacked, inputs, targets, task_ids)
+  # float32 sums in another order: the two agree exactly in float64 (checked when written).
+  np.testing.assert_allclose(scanned_loss, loss, rtol=1e-5)
+  for path, expected in traverse_util.flatten_dict(layout.stack_layers(grads)).items():
+    actual = traverse_util.flatten_dict(scanned_grads)[path]
+    np.testing.assert_allclose(actual, expected, atol=2e-3 * np.abs(expected).max() + 1e-9,
+                               err_msg="/".join(path))
+
+
+def test_layout_round_trip_and_logical_axes():
+  inputs, targets, task_ids = _batch()
+  config = preset("tiny", adapter=ADAPTERS[2])
+  params = _perturbed_params(EncoderDecoder(config), inputs, targets, task_ids)
+  stacked = layout.stack_layers(params)
+  assert layout.is_scanned(stacked) and not layout.is_scanned(params)
+  assert layout.to_layout(stacked, True) is stacked
+  jax.tree_util.tree_map(np.testing.assert_array_equal, layout.unstack_layers(stacked), params)
+  specs = traverse_util.flatten_dict(partitioning.logical_specs(
+      abstract_variables(EncoderDecoder(config.replace(scan_layers=True)))))
+  assert specs[("encoder", "layers", "mlp", "wi_0", "kernel")] == P("layers", "embed", "mlp")
+  router = ("decoder", "layers", "mlp", "wo", "adapter", "router", "skill_logits")
+  assert specs[router] == P("layers", "tasks", "splits", "skills")
+  assert specs[("encoder", "relpos_bias", "rel_embedding")] == P("heads", "relpos_buckets")
+
+
+def test_scanned_layers_refuse_per_layer_targets():
+  with pytest.raises(ValueError, match="name single layers.*scan_layers=False"):
+    preset("tiny", scan_layers=True,
+           adapter=AdapterConfig("lora", targets=r"encoder/layers_0/attention/query"))
+  with pytest.raises(ValueError, match="remat='some'.*choose one of"):
+    preset("tiny", remat="some")
+  assert preset("t0_3b").scan_layers and not preset("t5_1_1_large").scan_layers
+
+
+def test_converted_backbone_restores_onto_the_mesh_in_either_layout(tmp_path):
+  model = EncoderDecoder(preset("tiny"))
+  host = pipeline.init_params(model, 0, adapters_only=False)
+  convert.save_converted(str(tmp_path), model.config, host)
+  mesh = partitioning.make_mesh(2 if jax.device_count() % 2 == 0 else 1)
+  backbone = pipeline.load_backbone(str(tmp_path), RunOptions(scan_layers=True), mesh)
+  assert backbone.config.scan_layers
+  expected = layout.stack_layers(jax.device_get(host))
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b),
+                         backbone.params, expected)
+  kernel = backbone.params["encoder"]["layers"]["mlp"]["wi_0"]["kernel"]
+  assert isinstance(kernel, jax.Array) and kernel.sharding.mesh.shape == mesh.shape
+  assert kernel.sharding.spec == P(None, None, "model")  # 'mlp' over the model axis
+  # A checkpoint of a newer layout reads back in the old one too.
+  convert.save_converted(str(tmp_path / "scanned"), backbone.config, backbone.params)
+  config, params = convert.load_converted(str(tmp_path / "scanned"), scan_layers=False)
+  assert not config.scan_layers
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params, jax.device_get(host))
