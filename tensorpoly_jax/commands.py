@@ -9,7 +9,7 @@ import os
 import jax
 import numpy as np
 
-from tensorpoly_jax import checkpoints, evaluation, partitioning, paths, pipeline
+from tensorpoly_jax import checkpoints, evaluation, metrics, partitioning, paths, pipeline
 from tensorpoly_jax.data import tasks
 from tensorpoly_jax.methods import AdapterConfig
 from tensorpoly_jax.t5 import convert as t5_convert
@@ -94,6 +94,7 @@ def adapt(model_dir: str, backbone_dir: str, adapter_dir: str, heldout, train_co
                                         train_config.targets_length, batch_size=eval_batch_size,
                                         length_normalize=length_normalize)
       results.setdefault(task, {})[str(seed)] = accuracy
+      metrics.write_eval(run_dir, accuracy, train_config.steps)
       if jax.process_index() == 0:
         checkpoints.export_adapter(run_dir, "adapter", split_params(params)[0],
                                    {"task": task, "task_id": task_id, "seed": seed,
@@ -149,6 +150,7 @@ def convert(checkpoint_dir: str, output_dir: str, dtype: str = "float32",
   import ml_dtypes
 
   numpy_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
+  checkpoint_dir = t5_convert.checkpoint_folder(checkpoint_dir, allow_pickle)
   with tqdm(desc="converting tensors", unit=" tensors") as bar:
     config, params = t5_convert.load_hf_checkpoint(checkpoint_dir, allow_pickle, numpy_dtype,
                                                    progress=lambda name: bar.update(1))
@@ -172,5 +174,5 @@ def compile_step(stage: str, topology: str, model: T5Config, adapter: AdapterCon
   if json_path:
     _write_json(json_path, report)
   if report["fits"] is False:
-    raise aot.DoesNotFit(aot.advice(report))
+    raise aot.DoesNotFit(aot.advice(report), report)
   return report

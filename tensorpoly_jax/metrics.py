@@ -35,14 +35,15 @@ class MetricLogger:
     self._bar.update(1)
 
   def log(self, step: int, metrics: dict) -> None:
-    """Writes one step's fetched metrics (floats)."""
+    """Writes one step's fetched metrics (floats) under stable ``train/<name>`` tags: which run
+    they belong to is the folder, so runs overlay in TensorBoard."""
     if not self.enabled:
       return
     self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
     self._jsonl.write(json.dumps({"stage": self.description, "step": step, **metrics}) + "\n")
     self._jsonl.flush()
     for key, value in metrics.items():
-      self._writer.add_scalar(f"{self.description}/{key}", value, step)
+      self._writer.add_scalar(f"train/{key}", value, step)
 
   def __enter__(self):
     return self
@@ -53,3 +54,13 @@ class MetricLogger:
       self._jsonl.close()
       self._writer.flush()
       self._writer.close()
+
+
+def write_eval(model_dir: str, accuracy: float, step: int) -> None:
+  """``eval/accuracy`` beside a run's training curves (process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  from tensorboardX import SummaryWriter
+
+  with SummaryWriter(str(paths.resolve(model_dir) / "tensorboard")) as writer:
+    writer.add_scalar("eval/accuracy", accuracy, step)

@@ -77,3 +77,13 @@ def make_optimizer(config: OptimizerConfig, params, total_steps: int):
   transforms = {group: inner(rate) for group, rate in config.rates().items() if group in used}
   return optax.chain(optax.clip_by_global_norm(config.grad_clip),
                      optax.multi_transform(transforms, labels))
+
+
+def logged_learning_rate(config: OptimizerConfig, params, total_steps: int):
+  """``step -> rate`` of the main group of ``params`` (the backbone, else LoRA-named adapter
+  params, else tensor leaves), for the ``train/learning_rate`` curve; every group follows the same
+  schedule shape."""
+  used = set(traverse_util.flatten_dict(group_labels(params)).values())
+  group = next(g for g in ("backbone", "lora", "leaf", "router") if g in used)
+  peak = config.rates()[group]
+  return lambda step: float(schedule(peak, total_steps, config.warmup_fraction)(step))

@@ -10,9 +10,9 @@ import contextlib
 import dataclasses
 import functools
 import math
-import os
 import signal
 import threading
+import time
 from typing import Any, Callable, Iterator
 
 import jax
@@ -21,7 +21,7 @@ import optax
 from flax import struct
 from jax.experimental import multihost_utils
 
-from tensorpoly_jax import checkpoints, losses, partitioning, paths
+from tensorpoly_jax import checkpoints, losses, optimizers, partitioning, paths
 from tensorpoly_jax.metrics import MetricLogger
 from tensorpoly_jax.optimizers import OptimizerConfig, make_optimizer
 from tensorpoly_jax.t5 import scoring
@@ -225,6 +225,8 @@ def _loop(state, frozen, step_fn, batches, mesh, start, config, mngr, meta, mode
   """
   history, pending = [], []
   last_saved = mngr.latest_step()
+  rate = optimizers.logged_learning_rate(config.optimizer, state.params, config.steps)
+  last_log = (start, time.perf_counter())
   with MetricLogger(model_dir, description, start, config.steps) as logger, \
       PreemptionNotice() as preemption:
     for step in range(start + 1, config.steps + 1):
@@ -239,14 +241,18 @@ def _loop(state, frozen, step_fn, batches, mesh, start, config, mngr, meta, mode
       fetched = _fetch_finite(pending, mngr, last_saved)
       pending = []
       if log:
+        now = time.perf_counter()  # after the fetch: every step up to here has run
+        fetched.update(learning_rate=rate(step),
+                       steps_per_second=(step - last_log[0]) / max(now - last_log[1], 1e-9))
+        last_log = (step, now)
         logger.log(step, fetched)
         history.append({"step": step, **fetched})
       if save:
         checkpoints.save(mngr, step, state, {**meta, "data_position": step})
         last_saved = step
       if preempted:
-        raise Preempted(f"preemption notice: every process saved checkpoint step {step} in"
-                        f" {mngr.directory}; run the same command again to resume from it.")
+        raise Preempted(f"{preemption.saved_at(step)} in {mngr.directory}; run the same command"
+                        " again to resume from it.")
   return state, history
 
 
@@ -286,6 +292,11 @@ class PreemptionNotice:
   def _handle(self, signum, frame):
     del signum, frame
     self.received = True
+
+  def saved_at(self, step: int) -> str:
+    if self._shared:
+      return f"preemption notice: every process saved checkpoint step {step}"
+    return f"SIGTERM received: saved checkpoint step {step}"
 
   def reached(self, step: int) -> bool:
     if self._shared:

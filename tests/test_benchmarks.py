@@ -58,3 +58,16 @@ def test_compile_benchmark_compares_scanned_with_per_layer(tmp_path):
     assert row["compile_s"] > 0 and 0 < row["per_device_gib"] < 16 and row["fits"] is True
     assert (row["x_faster_than_per_layer"] is not None) == (scan and depth == 1)
   assert "x per-layer" in stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="needs libtpu (pip install 'tensorpoly-jax[tpu]'; .ci/run installs it)")
+def test_t0_memory_table_against_a_float32_backbone(tmp_path):
+  result, stdout = _run("t0_memory.py", tmp_path / "t0.json")
+  baseline, evaluation = result["rows"]
+  assert (baseline["param_dtype"], baseline["stage"], baseline["x_f32_baseline"]) == (
+      "float32", "pretrain", 1.0)
+  assert baseline["fits"] is False  # a float32 T0-3B backbone does not fit a v4 core
+  assert evaluation["stage"] == "eval" and evaluation["param_dtype"] == "bfloat16"
+  assert evaluation["fits"] is True and evaluation["x_f32_baseline"] < 0.5
+  assert "DOES NOT FIT" in stdout and "x f32 bb" in stdout

@@ -30,7 +30,15 @@ def test_pretrain_adapt_eval_commands(backbone, tmp_path):
   results = json.loads((tmp_path / "adapt_results.json").read_text())
   assert list(results["accuracy"]) == [f"embedded__{t}" for t in ("yew", "aspen", "rowan", "willow")]
   assert all(set(seeds) == {"1"} for seeds in results["accuracy"].values())
-  adapted = tmp_path / "adapt" / "embedded__yew_seed1" / "adapter"
+  import tensorflow as tf
+
+  run = tmp_path / "adapt" / "embedded__yew_seed1"
+  tags = {(v.tag, v.simple_value) for path in (run / "tensorboard").glob("events.out.*")
+          for event in tf.compat.v1.train.summary_iterator(str(path)) for v in event.summary.value}
+  accuracy = [value for tag, value in tags if tag == "eval/accuracy"]
+  assert accuracy == [pytest.approx(results["accuracy"]["embedded__yew"]["1"])]
+  assert {tag for tag, _ in tags} >= {"train/loss", "train/learning_rate", "eval/accuracy"}
+  adapted = run / "adapter"
   assert cli.main(["eval", "--gin_file=runs/eval.gin", *common, "--gin.HELDOUT='embedded__yew'",
                    f"--gin.ADAPTER_DIR='{adapted}'"]) == 0
   evaluated = json.loads((tmp_path / "eval_results.json").read_text())["accuracy"]

@@ -154,6 +154,18 @@ def test_missing_dataset_names_it_and_the_local_copy(tmp_path):
     sources.load_rows("super_glue", "cb", "train", str(tmp_path))
 
 
+def test_a_capped_split_is_a_seeded_sample_not_its_first_rows(tmp_path):
+  labels = [0] * 50 + [1] * 50  # sorted by label, as imdb's train split is
+  datasets.Dataset.from_dict({"text": [f"review {i}" for i in range(100)], "label": labels}
+                             ).save_to_disk(sources.local_path(str(tmp_path), "imdb", None, "train"))
+  capped = sources.load_rows("imdb", None, "train", str(tmp_path), limit=10)
+  assert len(capped) == 10 and set(capped["label"]) == {0, 1}
+  assert capped["text"] == sources.load_rows("imdb", None, "train", str(tmp_path), limit=10)["text"]
+  other = sources.load_rows("imdb", None, "train", str(tmp_path), limit=10, seed=1)
+  assert other["text"] != capped["text"]
+  assert len(sources.load_rows("imdb", None, "train", str(tmp_path), limit=500)) == 100
+
+
 def test_empty_or_unreadable_datasets_are_errors(tmp_path, monkeypatch):
   corrupt = sources.local_path(str(tmp_path), "imdb", None, "train")
   __import__("os").makedirs(corrupt)

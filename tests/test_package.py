@@ -1,9 +1,13 @@
 """The README's example runs, and the layers other T5X projects import stay free of the toolchain."""
 import ast
+import os
 import pathlib
 import re
 import subprocess
 import sys
+import zipfile
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAYER_MODULES = ["entangle.py", "routing.py", "adapters.py", "methods.py", "partitioning.py",
@@ -52,3 +56,26 @@ def test_adapter_layer_benchmark_runs_quick(tmp_path):
   rows = json.loads(out.read_text())["rows"]
   assert set(rows) == {"frozen", "lora", "tlora", "poly", "mhr", "tensorpoly_i", "tensorpoly_ii"}
   assert all(row["seconds"] > 0 for row in rows.values())
+
+
+@pytest.mark.slow
+def test_an_installed_wheel_finds_its_gin_files_from_any_directory(tmp_path):
+  """What `pip install .` (not -e) installs: the wheel, unpacked where Python finds it first."""
+  subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                  "-q", "-w", str(tmp_path / "dist"), str(ROOT)], check=True)
+  wheel, = (tmp_path / "dist").glob("tensorpoly_jax-*.whl")
+  with zipfile.ZipFile(wheel) as archive:
+    archive.extractall(tmp_path / "site")
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+  where = subprocess.run([sys.executable, "-c", "import tensorpoly_jax.cli as c; print(c.CONFIGS)"],
+                         cwd=elsewhere, env=env, capture_output=True, text=True, check=True)
+  assert where.stdout.strip() == str(tmp_path / "site" / "tensorpoly_jax" / "configs")
+  done = subprocess.run(
+      [sys.executable, "-m", "tensorpoly_jax", "train", "--gin_file=models/tiny.gin",
+       "--gin_file=runs/data_embedded.gin", "--gin_file=runs/backbone.gin",
+       f"--model_dir={tmp_path / 'run'}", "--gin.TRAIN_STEPS=5", "--gin.BATCH_SIZE=8"],
+      cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert (tmp_path / "run" / "backbone" / "t5_config.json").exists()

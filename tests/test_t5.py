@@ -261,7 +261,7 @@ def test_missing_checkpoint_folder_says_what_it_looked_for(tmp_path):
     convert.load_hf_checkpoint(str(tmp_path))
 
 
-def test_convert_command_writes_restorable_params(tmp_path):
+def test_convert_command_writes_restorable_params(tmp_path, monkeypatch):
   from tensorpoly_jax import cli
 
   model = hf_model("gated-gelu", tie_word_embeddings=False)
@@ -272,3 +272,24 @@ def test_convert_command_writes_restorable_params(tmp_path):
   inputs, targets = random_batch()
   assert_logits_match(flax_logits(config, params, inputs, targets), hf_logits(model, inputs, targets),
                       targets)
+  # A hub id is downloaded where the hub is reachable (here: served from the folder above) ...
+  import huggingface_hub
+
+  asked = []
+  monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                      lambda repo, allow_patterns: asked.append(repo) or str(tmp_path / "hf"))
+  assert cli.main(["convert", "--checkpoint_dir", "someone/tiny-t5", "--output_dir",
+                   str(tmp_path / "hub"), "--scan_layers"]) == 0
+  assert asked == ["someone/tiny-t5"]
+  config, scanned = convert.load_converted(str(tmp_path / "hub"), scan_layers=False)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, scanned, params)
+  assert convert.load_converted(str(tmp_path / "hub"))[0].scan_layers  # stored stacked
+
+
+def test_convert_of_an_unreachable_hub_id_says_how_to_pass_a_folder(tmp_path):
+  # Tests run offline (HF_HUB_OFFLINE=1): the hub answers at once that it cannot be reached.
+  with pytest.raises(convert.CheckpointError,
+                     match=r"could not download 'bigscience/T0_3B'.*--checkpoint_dir=DIR"):
+    convert.checkpoint_folder("bigscience/T0_3B")
+  with pytest.raises(convert.CheckpointError, match="is not a folder"):
+    convert.checkpoint_folder(str(tmp_path / "missing" / "dir"))

@@ -85,6 +85,18 @@ def test_backbone_is_bit_identical_and_has_no_optimizer_state(backbone_dir, tmp_
                                          for part in p)]
   assert array_paths and all("adapter" in p for p in array_paths)
   assert not any("token_embedder" in p or p[-1] == "kernel" for p in array_paths)
+  # TensorBoard: stable tags, the run being the folder; the rate is the leaves' schedule.
+  import tensorflow as tf
+
+  scalars = {}
+  for path in (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append(value.simple_value)
+  assert set(scalars) == {"train/loss", "train/grad_norm", "train/learning_rate",
+                          "train/steps_per_second"}
+  rates = scalars["train/learning_rate"]
+  assert len(rates) == 5 and rates[0] == pytest.approx(1e-2) and rates[-1] == 0.0
   config = convert.load_converted(backbone_dir)[0]
   adapter = AdapterConfig("tensorpoly_i", lora_rank=2, n_skills=4, order=2, n_tasks=36)
   initial = pipeline.init_params(EncoderDecoder(config.replace(adapter=adapter)), 0, True)
@@ -111,7 +123,7 @@ def test_exported_adapter_loads_onto_a_fresh_backbone(backbone_dir, tmp_path):
   assert meta["routing_ids"] == tasks.routing_ids(tasks.mixture_task_names(tasks.EMBEDDED_TRAIN))
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(backbone_dir, tmp_path):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(backbone_dir, tmp_path, monkeypatch):
   config, backbone = convert.load_converted(backbone_dir)
   adapter = AdapterConfig("lora", lora_rank=2, n_tasks=36)
   model = EncoderDecoder(config.replace(adapter=adapter))
@@ -127,9 +139,16 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(backbone_dir, tmp_path):
         batch["decoder_target_tokens"][0, 0] = 10**6
       yield batch
 
-  with pytest.raises(trainer.TrainingDiverged, match=r"loss became nan at step 13.*step 10"):
-    trainer.train(model, params, stream, small_train(checkpoint_every=5), str(tmp_path),
-                  {"stage": "test"}, pipeline.abstract_variables(model))
+  fetches = []
+  fetch = trainer._fetch_finite
+  monkeypatch.setattr(trainer, "_fetch_finite", lambda pending, *a: fetches.append(
+      [s for s, _ in pending]) or fetch(pending, *a))
+  with pytest.raises(trainer.TrainingDiverged,
+                     match=r"loss became nan at step 13 \(steps 13-15 were checked.*step 10"):
+    trainer.train(model, params, stream, small_train(checkpoint_every=5, log_every=4),
+                  str(tmp_path), {"stage": "test"}, pipeline.abstract_variables(model))
+  # Metrics reach the host only at log points and before checkpoints, never once per step.
+  assert fetches == [[1, 2, 3, 4], [5], [6, 7, 8], [9, 10], [11, 12], [13, 14, 15]]
   mngr = checkpoints.manager(str(tmp_path / "checkpoints"), 3)
   assert mngr.all_steps() == [5, 10]
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 
 class DataSourceError(RuntimeError):
   """A dataset that cannot be read: names it and how to provide a local copy."""
@@ -14,8 +16,9 @@ def local_path(data_dir: str, dataset: str, subset: str | None, split: str) -> s
 
 
 def load_rows(dataset: str, subset: str | None, split: str, data_dir: str | None = None,
-              limit: int | None = None):
-  """A ``datasets.Dataset`` of one split, from ``data_dir`` when a copy is there, else the hub."""
+              limit: int | None = None, seed: int = 0):
+  """A ``datasets.Dataset`` of one split, from ``data_dir`` when a copy is there, else the hub;
+  past ``limit`` rows, a seeded random sample of ``limit`` of them (in their stored order)."""
   import datasets
 
   name = f"{dataset}{'/' + subset if subset else ''} split {split!r}"
@@ -39,5 +42,7 @@ def load_rows(dataset: str, subset: str | None, split: str, data_dir: str | None
   if len(rows) == 0:
     raise DataSourceError(f"dataset {name} is empty; check DATA_DIR or the split name.")
   if limit is not None and len(rows) > limit:
-    rows = rows.select(range(limit))
+    # Not the first rows: hub splits are often sorted (imdb's train split by label).
+    keep = np.random.default_rng([seed, limit]).choice(len(rows), limit, replace=False)
+    rows = rows.select(np.sort(keep))
   return rows

@@ -144,6 +144,30 @@ def expected_shapes(config: T5Config) -> dict[tuple[str, ...], tuple[int, ...]]:
   return {k: v.shape for k, v in traverse_util.flatten_dict(shapes["params"]).items()}
 
 
+# What conversion reads from a hub repository (not its TF / Flax / ONNX copies).
+HUB_FILES = ("config.json", "*.safetensors", SAFETENSORS_INDEX, "spiece.model",
+             "tokenizer*", "special_tokens_map.json")
+
+
+def checkpoint_folder(name: str, allow_pickle: bool = False) -> str:
+  """``name`` if it is a folder, else a Hugging Face hub id downloaded to the hub cache."""
+  if os.path.isdir(name):
+    return name
+  if os.path.exists(name) or name.count("/") > 1 or name.startswith((".", "/")):
+    raise CheckpointError(f"--checkpoint_dir={name!r} is not a folder (nor a hub id like"
+                          " bigscience/T0_3B).")
+  from huggingface_hub import snapshot_download
+
+  patterns = [*HUB_FILES, *(["pytorch_model*.bin*"] if allow_pickle else [])]
+  try:
+    return snapshot_download(name, allow_patterns=patterns)
+  except Exception as err:  # offline, unknown repo, gated repo: the hub raises many types
+    raise CheckpointError(
+        f"could not download {name!r} from the Hugging Face hub ({type(err).__name__}: {err})."
+        f" Where the hub is reachable, `huggingface-cli download {name} --local-dir DIR` (or"
+        " snapshot_download), copy DIR here and pass --checkpoint_dir=DIR.") from err
+
+
 def load_hf_checkpoint(checkpoint_dir: str, allow_pickle: bool = False,
                        dtype=np.float32, progress: Callable | None = None):
   """Returns ``(T5Config, params)`` for a Hugging Face T5/T0 checkpoint folder.
