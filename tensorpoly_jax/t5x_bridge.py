@@ -110,9 +110,13 @@ class EncoderDecoderModel(models.EncoderDecoderModel):
 
 
 def t5_module(preset_name: str = "t5_1_1_small", adapter: AdapterConfig | None = None,
-              dtype: str = "bfloat16", remat: bool = False,
-              dropout_rate: float = 0.0) -> EncoderDecoder:
-  """tensorpoly's T5 from a preset, with an adapter (T5X's ``network.Transformer`` arguments)."""
+              dtype: str = "bfloat16", remat: str = "none", dropout_rate: float = 0.0,
+              scan_layers: bool = False) -> EncoderDecoder:
+  """tensorpoly's T5 from a preset, with an adapter (T5X's ``network.Transformer`` arguments).
+
+  Per-layer params by default, the layout of T5X's own T5 / T0 checkpoints; ``scan_layers=True``
+  stacks them on ``layers`` as T5X's scanned networks do."""
   return EncoderDecoder(preset(preset_name, dtype=dtype_named(dtype), remat=remat,
-                               dropout_rate=dropout_rate, adapter=adapter))
+                               dropout_rate=dropout_rate, scan_layers=scan_layers,
+                               adapter=adapter))
 

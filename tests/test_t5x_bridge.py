@@ -96,6 +96,7 @@ def test_gin_model_file_builds_the_adapted_t0_module(bridge):
   finally:
     gin.clear_config()
   assert module.config.emb_dim == 2048 and module.config.num_encoder_layers == 24
+  assert not module.config.scan_layers  # restores T5X's per-layer checkpoints
   assert module.config.adapter == AdapterConfig("poly", lora_rank=1, n_skills=8, n_tasks=36)
   assert module.config.dtype == jnp.bfloat16
   assert "skills" in rules

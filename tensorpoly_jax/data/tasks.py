@@ -30,8 +30,6 @@ class _InMemorySourceFilter(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_InMemorySourceFilter())
-# TensorFlow only feeds data here; left alone it would reserve the accelerators JAX trains on.
-tf.config.set_visible_devices([], "GPU")
 
 EMBEDDED_TRAIN = "embedded_train"
 EMBEDDED_HELDOUT = "embedded_heldout"
