@@ -209,8 +209,7 @@ def _compiled(model: EncoderDecoder, config: TrainConfig, mesh, layout: _Layout)
                                                 optimizer.init(params), rng),
                  out_shardings=shardings)
   step = jax.jit(make_train_step(model, optimizer, config.loss, config.tfew_weights),
-                 in_shardings=(shardings, layout.frozen_shardings,
-                               partitioning.batch_sharding(mesh)),
+                 in_shardings=(shardings, layout.frozen_shardings, None),  # batches come sharded
                  out_shardings=(shardings, replicated), donate_argnums=(0,))
   return Steps(init, step, shardings)
 

@@ -189,23 +189,26 @@ def _relpos(cfg: T5Config):
                                        cfg.dtype, name="relpos_bias")
 
 
-def _run_blocks(block_cls, cfg: T5Config, num_layers: int, deterministic: bool, x, *shared):
-  """Applies ``num_layers`` blocks to ``x`` (each also takes the ``shared`` inputs): as modules
-  ``layers_0..`` or, with ``scan_layers``, as one scanned module ``layers`` whose params carry a
-  leading ``layers`` axis (T5X's ``scan_layers`` layout)."""
+def _run_blocks(block_cls, cfg: T5Config, num_layers: int, deterministic: bool, x, shared):
+  """Applies ``num_layers`` blocks to ``x``; ``shared()`` gives the other inputs every block
+  takes. As modules ``layers_0..`` or, with ``scan_layers``, as one scanned module ``layers``
+  whose params carry a leading ``layers`` axis (T5X's ``scan_layers`` layout)."""
   if cfg.remat != "none":
     # Under scan, the loop already keeps XLA from merging recomputation into the forward pass.
     block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[cfg.remat],
                          prevent_cse=not cfg.scan_layers)
   if not cfg.scan_layers:
     for index in range(num_layers):
-      x = block_cls(cfg, deterministic, name=f"layers_{index}")(x, *shared)
+      # shared() per block: its bias lookup's gradient then sums per layer in the same order as
+      # T5X's per-layer T5 (and this project's results before scan), bit for bit.
+      x = block_cls(cfg, deterministic, name=f"layers_{index}")(x, *shared())
     return x
+  inputs = shared()
   scanned = nn_partitioning.scan_with_axes(
       block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True,
                                                           ROUTING_RNG: True},
-      in_axes=(nn.broadcast,) * len(shared), length=num_layers, axis_name="layers")
-  x, _ = scanned(cfg, deterministic, name="layers")(x, *shared)
+      in_axes=(nn.broadcast,) * len(inputs), length=num_layers, axis_name="layers")
+  x, _ = scanned(cfg, deterministic, name="layers")(x, *inputs)
   return x
 
 
@@ -216,10 +219,11 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, tokens, encoder_mask, routing, deterministic):
     cfg = self.config
+    relpos = _relpos(cfg)  # one module (its params) shared by every block
     x = _dropout(cfg, self.shared_embedding(tokens.astype("int32")), deterministic)
-    bias = _relpos(cfg)(x.shape[-2], x.shape[-2], True)  # shared by every block
-    x = _run_blocks(EncoderLayer, cfg, cfg.num_encoder_layers, deterministic, x, bias,
-                    encoder_mask, routing)
+    length = x.shape[-2]
+    x = _run_blocks(EncoderLayer, cfg, cfg.num_encoder_layers, deterministic, x,
+                    lambda: (relpos(length, length, True), encoder_mask, routing))
     x = layers.LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="encoder_norm")(x)
     return _dropout(cfg, x, deterministic)
 
@@ -232,10 +236,12 @@ class Decoder(nn.Module):
   def __call__(self, encoded, decoder_input_tokens, decoder_mask, encoder_decoder_mask, routing,
                deterministic):
     cfg = self.config
+    relpos = _relpos(cfg)
     y = _dropout(cfg, self.shared_embedding(decoder_input_tokens.astype("int32")), deterministic)
-    bias = _relpos(cfg)(y.shape[-2], y.shape[-2], False)
-    y = _run_blocks(DecoderLayer, cfg, cfg.num_decoder_layers, deterministic, y, encoded, bias,
-                    decoder_mask, encoder_decoder_mask, routing)
+    length = y.shape[-2]
+    y = _run_blocks(DecoderLayer, cfg, cfg.num_decoder_layers, deterministic, y,
+                    lambda: (encoded, relpos(length, length, False), decoder_mask,
+                             encoder_decoder_mask, routing))
     y = layers.LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="decoder_norm")(y)
     y = _dropout(cfg, y, deterministic)
     if cfg.logits_via_embedding:  # v1.0: tied output layer, rescaled as T5 does
