@@ -7,10 +7,11 @@ import pytest
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
-from tensorpoly_jax import partitioning, pipeline
+from tensorpoly_jax import checkpoints, partitioning, pipeline
 from tensorpoly_jax.methods import AdapterConfig
 from tensorpoly_jax.t5 import convert, layout
-from tensorpoly_jax.t5.model import EncoderDecoder, RunOptions, abstract_variables, preset
+from tensorpoly_jax.t5.model import (EncoderDecoder, RunOptions, abstract_variables, preset,
+                                     split_params)
 
 ADAPTERS = [AdapterConfig("lora", lora_rank=2),
             AdapterConfig("mhr", lora_rank=2, n_tasks=3, n_skills=4, n_splits=2),
@@ -108,3 +109,15 @@ def test_converted_backbone_restores_onto_the_mesh_in_either_layout(tmp_path):
   config, params = convert.load_converted(str(tmp_path / "scanned"), scan_layers=False)
   assert not config.scan_layers
   jax.tree_util.tree_map(np.testing.assert_array_equal, params, jax.device_get(host))
+
+
+def test_an_adapter_trained_scanned_is_exported_per_layer(tmp_path):
+  inputs, targets, task_ids = _batch()
+  config = preset("tiny", adapter=ADAPTERS[1])
+  adapter_params = split_params(_perturbed_params(EncoderDecoder(config), inputs, targets,
+                                                  task_ids))[0]
+  export = checkpoints.export_adapter(str(tmp_path), "adapter",
+                                      layout.stack_layers(adapter_params), {"stage": "test"})
+  loaded, _ = checkpoints.load_adapter(export)
+  assert not layout.is_scanned(loaded)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, jax.device_get(adapter_params))
