@@ -9,7 +9,7 @@ import os
 import jax
 import numpy as np
 
-from tensorpoly_jax import checkpoints, evaluation, metrics, partitioning, paths, pipeline
+from tensorpoly_jax import aot, checkpoints, evaluation, metrics, partitioning, paths, pipeline
 from tensorpoly_jax.data import tasks
 from tensorpoly_jax.methods import AdapterConfig
 from tensorpoly_jax.t5 import convert as t5_convert
@@ -161,11 +161,9 @@ def convert(checkpoint_dir: str, output_dir: str, dtype: str = "float32",
 
 
 def compile_step(stage: str, topology: str, model: T5Config, adapter: AdapterConfig | None,
-                 shapes: "aot.StepShapes", optimizer=None, json_path: str | None = None) -> dict:
+                 shapes: aot.StepShapes, optimizer=None, json_path: str | None = None) -> dict:
   """Ahead-of-time compile of one stage's step for ``topology``; prints the report, writes it to
   ``json_path``, and raises ``aot.DoesNotFit`` (after writing) when it needs more than the HBM."""
-  from tensorpoly_jax import aot
-
   train = TrainConfig(batch_size=shapes.batch_size, inputs_length=shapes.inputs_length,
                       targets_length=shapes.targets_length, model_parallel=shapes.model_parallel,
                       **({"optimizer": optimizer} if optimizer is not None else {}))
