@@ -50,6 +50,13 @@ class StepShapes:
   model_parallel: int = 1
   param_dtype: str = "float32"  # the frozen backbone's stored dtype (`convert --dtype`)
 
+  def train_config(self, optimizer=None) -> trainer.TrainConfig:
+    """The run settings these shapes stand for (default optimizer: the T0 recipe's)."""
+    return trainer.TrainConfig(batch_size=self.batch_size, inputs_length=self.inputs_length,
+                               targets_length=self.targets_length,
+                               model_parallel=self.model_parallel,
+                               **({"optimizer": optimizer} if optimizer is not None else {}))
+
 
 def target_devices(topology: str) -> list:
   """The devices of a TPU topology (``v4:2x2x4``; needs libtpu) or, for ``local``, this host's."""
@@ -143,11 +150,9 @@ def lower(stage: str, config: T5Config, shapes: StepShapes, mesh, train: trainer
     trainable = _abstract(trainable_shapes, trainable_shardings)
     frozen = _abstract(frozen_shapes, frozen_shardings, frozen_dtype)
   if stage == "eval":
-    scorer = jax.jit(evaluation.score_fn(model, length_normalize=True),
-                     out_shardings=partitioning.replicated(mesh))
     args = (merge_params(trainable, frozen), batch["encoder_input_tokens"],
             batch["choice_tokens"], batch.get("task_ids"))
-    return scorer.lower(*args), args
+    return evaluation.jitted_scorer(model, True, mesh).lower(*args), args
   steps = trainer.build_steps(model, train, mesh, trainable, trainable_shardings,
                               frozen_shardings)
   state = _abstract(jax.eval_shape(steps.init, trainable, jax.random.PRNGKey(0)),
@@ -178,10 +183,7 @@ def compile_stage(stage: str, config: T5Config, shapes: StepShapes, topology: st
   """Compiles ``stage`` for ``topology`` and returns the report (see ``tensorpoly compile``)."""
   devices = target_devices(topology)
   mesh = make_mesh(devices, shapes)
-  train = train or trainer.TrainConfig(batch_size=shapes.batch_size,
-                                       inputs_length=shapes.inputs_length,
-                                       targets_length=shapes.targets_length,
-                                       model_parallel=shapes.model_parallel)
+  train = train or shapes.train_config()
   started = time.perf_counter()
   lowered, args = lower(stage, config, shapes, mesh, train)
   hbm = device_hbm_bytes(devices)

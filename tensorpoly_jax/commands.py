@@ -164,10 +164,8 @@ def compile_step(stage: str, topology: str, model: T5Config, adapter: AdapterCon
                  shapes: aot.StepShapes, optimizer=None, json_path: str | None = None) -> dict:
   """Ahead-of-time compile of one stage's step for ``topology``; prints the report, writes it to
   ``json_path``, and raises ``aot.DoesNotFit`` (after writing) when it needs more than the HBM."""
-  train = TrainConfig(batch_size=shapes.batch_size, inputs_length=shapes.inputs_length,
-                      targets_length=shapes.targets_length, model_parallel=shapes.model_parallel,
-                      **({"optimizer": optimizer} if optimizer is not None else {}))
-  report = aot.compile_stage(stage, model.replace(adapter=adapter), shapes, topology, train)
+  report = aot.compile_stage(stage, model.replace(adapter=adapter), shapes, topology,
+                             shapes.train_config(optimizer))
   print(aot.format_report(report))
   if json_path:
     _write_json(json_path, report)

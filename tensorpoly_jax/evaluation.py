@@ -25,8 +25,9 @@ def score_fn(model: EncoderDecoder, length_normalize: bool):
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_scorer(model: EncoderDecoder, length_normalize: bool, mesh):
-  # Params keep the shardings they were placed with; the scores come back replicated.
+def jitted_scorer(model: EncoderDecoder, length_normalize: bool, mesh):
+  """``score_fn`` jitted for ``mesh``: params keep the shardings they were placed with; the
+  scores come back replicated."""
   return jax.jit(score_fn(model, length_normalize), out_shardings=partitioning.replicated(mesh))
 
 
@@ -39,7 +40,7 @@ def predict(model: EncoderDecoder, params, mesh, arrays: dict, task_id: int | No
   if batch_size % data:
     raise ValueError(f"eval batch_size={batch_size} must be divisible by the mesh's data axis"
                      f" ({data}); set EVAL_BATCH_SIZE to a multiple of {data}.")
-  scorer = _jitted_scorer(model, length_normalize, mesh)
+  scorer = jitted_scorer(model, length_normalize, mesh)
   sharding = partitioning.batch_sharding(mesh)
   total = len(arrays["label"])
   predictions = []
