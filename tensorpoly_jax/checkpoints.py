@@ -116,8 +116,10 @@ def export_adapter(model_dir: str, name: str, adapter_params, meta: dict) -> str
   directory.mkdir(parents=True, exist_ok=True)
   # One file layout whatever the run's: per-layer names, as HF conversion and T5X use.
   flat = traverse_util.flatten_dict(layout.unstack_layers(unfreeze(adapter_params)))
+  # safetensors writes an array's buffer as if it were C-ordered: a transposed view would be
+  # saved scrambled.
   (directory / ADAPTER_FILE).write_bytes(
-      save({"/".join(k): np.asarray(jax.device_get(v)) for k, v in flat.items()}))
+      save({"/".join(k): np.ascontiguousarray(jax.device_get(v)) for k, v in flat.items()}))
   (directory / ADAPTER_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
   return str(directory)
 

@@ -88,6 +88,16 @@ def _convert(args) -> int:
   return 0
 
 
+def _export(args) -> int:
+  commands.export_peft(args.adapter_dir, args.output_dir, args.task_id, args.base_model)
+  return 0
+
+
+def _import(args) -> int:
+  commands.import_peft(args.peft_dir, args.backbone_dir, args.output_dir)
+  return 0
+
+
 def _demo(args) -> int:
   from tensorpoly_jax import demo
 
@@ -171,6 +181,22 @@ def build_parser() -> argparse.ArgumentParser:
   convert.add_argument("--scan_layers", action="store_true",
                        help="store the layers stacked, as scanned presets (xl, xxl, T0) run them")
   convert.set_defaults(run=_convert)
+  export = sub.add_parser("export", help="an adapter export -> PEFT (Hugging Face T5)")
+  export.add_argument("--format", choices=("peft",), default="peft")
+  export.add_argument("--adapter_dir", required=True, help="a tensorpoly adapter export folder")
+  export.add_argument("--output_dir", required=True)
+  export.add_argument("--task_id", type=int, default=None,
+                      help="export this task's rank-r LoRA (default: an adapted export's task;"
+                      " needed for multi-task TensorPoly adapters)")
+  export.add_argument("--base_model", default=None,
+                      help="PEFT's base_model_name_or_path, e.g. bigscience/T0_3B")
+  export.set_defaults(run=_export)
+  import_ = sub.add_parser("import", help="a PEFT LoRA / Poly adapter of T5 -> an adapter export")
+  import_.add_argument("--format", choices=("peft",), default="peft")
+  import_.add_argument("--peft_dir", required=True)
+  import_.add_argument("--backbone_dir", required=True, help="the converted backbone it adapts")
+  import_.add_argument("--output_dir", required=True)
+  import_.set_defaults(run=_import)
   install = sub.add_parser("install-templates",
                            help="install the promptsource (P3) templates for the T0 tasks")
   install.set_defaults(run=_install_templates)

@@ -9,13 +9,14 @@ import os
 import jax
 import numpy as np
 
-from tensorpoly_jax import aot, checkpoints, evaluation, metrics, partitioning, paths, pipeline
+from tensorpoly_jax import (aot, checkpoints, evaluation, metrics, partitioning, paths, peft_bridge,
+                           pipeline)
 from tensorpoly_jax.data import tasks
 from tensorpoly_jax.methods import AdapterConfig
 from tensorpoly_jax.t5 import convert as t5_convert
 from tensorpoly_jax.t5 import layout
 from tensorpoly_jax.t5.model import (EncoderDecoder, RunOptions, T5Config, abstract_variables,
-                                     merge_params, preset, split_params)
+                                     config_to_dict, merge_params, preset, split_params)
 from tensorpoly_jax.trainer import TrainConfig
 
 SUITES = ("embedded", "t0")
@@ -98,6 +99,7 @@ def adapt(model_dir: str, backbone_dir: str, adapter_dir: str, heldout, train_co
       if jax.process_index() == 0:
         checkpoints.export_adapter(run_dir, "adapter", split_params(params)[0],
                                    {"task": task, "task_id": task_id, "seed": seed,
+                                    "model": config_to_dict(model.config),
                                     "adapter": dataclasses.asdict(model.config.adapter)})
   summary = {task: evaluation.summarize(list(by_seed.values())) for task, by_seed in results.items()}
   adapted = split_params(params)[0]
@@ -158,6 +160,19 @@ def convert(checkpoint_dir: str, output_dir: str, dtype: str = "float32",
     config, params = config.replace(scan_layers=True), layout.stack_layers(params)
   t5_convert.save_converted(output_dir, config, params)
   print(f"wrote {output_dir} ({t5_convert.CONVERTED_CONFIG}, {t5_convert.CONVERTED_PARAMS}/)")
+
+
+def export_peft(adapter_dir: str, output_dir: str, task_id: int | None = None,
+                base_model: str | None = None) -> None:
+  """An adapter export -> a PEFT adapter folder (``PeftModel.from_pretrained`` loads it)."""
+  written = peft_bridge.export(adapter_dir, output_dir, task_id, base_model)
+  print(f"wrote {written} ({peft_bridge.PEFT_CONFIG}, {peft_bridge.PEFT_WEIGHTS})")
+
+
+def import_peft(peft_dir: str, backbone_dir: str, output_dir: str) -> None:
+  """A PEFT LoRA / Poly adapter of Hugging Face T5 -> an adapter export for the converted backbone."""
+  written = peft_bridge.import_(peft_dir, backbone_dir, output_dir)
+  print(f"wrote {written} ({checkpoints.ADAPTER_META}, {checkpoints.ADAPTER_FILE})")
 
 
 def compile_step(stage: str, topology: str, model: T5Config, adapter: AdapterConfig | None,

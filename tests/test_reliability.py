@@ -82,6 +82,12 @@ def test_export_never_leaves_model_dir(tmp_path):
     checkpoints.export_adapter(str(tmp_path / "model"), "../escape", {}, {})
 
 
+def test_export_keeps_transposed_arrays_intact(tmp_path):
+  lora_a = np.arange(12, dtype=np.float32).reshape(3, 4).T  # a Fortran-ordered view
+  export = checkpoints.export_adapter(str(tmp_path), "adapter", {"adapter": {"lora_a": lora_a}}, {})
+  np.testing.assert_array_equal(checkpoints.load_adapter(export)[0]["adapter"]["lora_a"], lora_a)
+
+
 def test_lengths_that_cut_every_target_are_refused(backbone):
   with pytest.raises(ValueError, match="targets_length=2 cuts every answer choice"):
     choices.choice_arrays(tasks.embedded_heldout_task("yew"), "validation", 48, 2)

@@ -91,6 +91,16 @@ def flax_name(hf_name: str) -> tuple[tuple[str, ...], bool] | None:
   return None
 
 
+def hf_module_name(module_path: tuple[str, ...]) -> str:
+  """The Hugging Face T5 module of a per-layer dense projection, e.g. ``("encoder", "layers_0",
+  "attention", "query")`` -> ``encoder.block.0.layer.0.SelfAttention.q`` (``flax_name``'s inverse)."""
+  stack, layer, module, leaf = module_path
+  table = _ENCODER_SUBLAYERS if stack == "encoder" else _DECODER_SUBLAYERS
+  sublayer, hf_module = next((index, hf) for index, (hf, ours, _) in table.items() if ours == module)
+  hf_leaf = {ours: hf for hf, ours in _ATTENTION.items()}.get(leaf, leaf)
+  return f"{stack}.block.{layer.removeprefix('layers_')}.layer.{sublayer}.{hf_module}.{hf_leaf}"
+
+
 def _tensor_files(checkpoint_dir: str, allow_pickle: bool) -> tuple[list[str], bool]:
   """The weight files of a checkpoint folder, and whether they are pickles."""
   def listed(index_name):
