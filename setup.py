@@ -39,7 +39,7 @@ setup(
     packages=[*find_packages(include=["tensorpoly_jax", "tensorpoly_jax.*"]),
               "tensorpoly_jax.configs"],
     package_dir={"tensorpoly_jax.configs": "configs"},
-    package_data={"tensorpoly_jax.configs": ["*/*.gin"]},
+    package_data={"tensorpoly_jax.configs": ["*/*.gin", "*/*/*.gin"]},
     install_requires=CORE,
     extras_require={"torch": ["torch>=2.13", "transformers>=5.23"],
                     "benchmarks": ["torch>=2.13", "transformers>=5.23", "peft>=0.21.2"],

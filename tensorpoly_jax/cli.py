@@ -15,10 +15,7 @@ import sys
 import gin
 
 from tensorpoly_jax import aot, commands, distributed
-from tensorpoly_jax.methods import AdapterConfig
-from tensorpoly_jax.optimizers import OptimizerConfig
-from tensorpoly_jax.t5.model import RunOptions
-from tensorpoly_jax.trainer import TrainConfig
+from tensorpoly_jax import configurables  # noqa: F401 (registers the configs' gin names)
 
 def _configs_dir() -> str:
   """The gin files: inside an installed package, or the checkout's ``configs/`` (editable)."""
@@ -28,8 +25,6 @@ def _configs_dir() -> str:
 
 
 CONFIGS = _configs_dir()  # also T5X's --gin_search_paths for configs/t5x/*.gin
-for _cls in (AdapterConfig, OptimizerConfig, RunOptions, TrainConfig, aot.StepShapes):
-  gin.external_configurable(_cls, module="tensorpoly_jax")
 # gin wraps the functions: the CLI calls these wrapped versions, which read the bindings.
 CONFIGURED = {fn.__name__: gin.external_configurable(fn, module="tensorpoly_jax")
               for fn in (commands.data_setup, commands.train, commands.adapt, commands.evaluate,

@@ -18,20 +18,21 @@ import jax
 import jax.numpy as jnp
 
 try:
-  from t5x import adafactor, models
+  from t5x import adafactor, models, optimizers
 except ImportError as err:  # pragma: no cover - depends on the environment
   raise ImportError(
       "tensorpoly_jax.t5x_bridge needs T5X: pip install git+https://github.com/google-research/t5x"
       " (tensorpoly_jax's own trainer and `tensorpoly` CLI do not)."
   ) from err
 
-from tensorpoly_jax.data.tasks import RoutedEncDecFeatureConverter
+from tensorpoly_jax import configurables  # noqa: F401 (configs/adapters/*.gin bind AdapterConfig)
+from tensorpoly_jax.data.tasks import TASK_FEATURE, RoutedEncDecFeatureConverter
 from tensorpoly_jax.methods import AdapterConfig
 from tensorpoly_jax.partitioning import DEFAULT_RULES
 from tensorpoly_jax.routing import ROUTING_RNG
-from tensorpoly_jax.t5.model import EncoderDecoder, dtype_named, is_adapter_path, preset
+from tensorpoly_jax.t5.model import (ADAPTER_MODULES, EncoderDecoder, dtype_named, is_adapter_path,
+                                     preset)
 
-TASK_FEATURE = "task_id"
 ADAPTER_AXES = ("tasks", "splits", "skills", "lora_rank", "order", "leaf")
 
 
@@ -67,6 +68,20 @@ def batch_task_ids(batch) -> jnp.ndarray:
 def is_adapter_param(path: str, _value=None) -> bool:
   """For ``optimizers.MultiOptimizer`` traversals: train only adapters and routers."""
   return is_adapter_path(tuple(path.split("/")))
+
+
+def adapters_only(optimizer: optimizers.OptimizerDef) -> optimizers.MultiOptimizer:
+  """``optimizer`` over the adapter and router params; the backbone gets no update and no state."""
+  traversal = flax.traverse_util.ModelParamTraversal(is_adapter_param)
+  return optimizers.MultiOptimizer([(traversal, optimizer)])
+
+
+def adapter_assignment_map() -> tuple[tuple[str, None], ...]:
+  """``RestoreCheckpointConfig.assignment_map`` for restoring a backbone-only T5X checkpoint:
+  adapter and router entries (params and optimizer state) are not read from it; with
+  ``fallback_to_scratch`` they start from their initializers."""
+  modules = "|".join(ADAPTER_MODULES)
+  return ((rf"(.*/)?({modules})(/.*)?", None),)
 
 
 class EncoderDecoderModel(models.EncoderDecoderModel):

@@ -71,7 +71,11 @@ def test_an_installed_wheel_finds_its_gin_files_from_any_directory(tmp_path):
   env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
   where = subprocess.run([sys.executable, "-c", "import tensorpoly_jax.cli as c; print(c.CONFIGS)"],
                          cwd=elsewhere, env=env, capture_output=True, text=True, check=True)
-  assert where.stdout.strip() == str(tmp_path / "site" / "tensorpoly_jax" / "configs")
+  configs = tmp_path / "site" / "tensorpoly_jax" / "configs"
+  assert where.stdout.strip() == str(configs)
+  # T5X's --gin_search_paths=<that folder> finds the model, run and data files.
+  assert all((configs / "t5x" / name).exists() for name in (
+      "model.gin", "tensorpoly_ii.gin", "data_embedded.gin", "runs/finetune_adapters.gin"))
   done = subprocess.run(
       [sys.executable, "-m", "tensorpoly_jax", "train", "--gin_file=models/tiny.gin",
        "--gin_file=runs/data_embedded.gin", "--gin_file=runs/backbone.gin",

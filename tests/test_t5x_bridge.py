@@ -2,6 +2,8 @@
 from ../shared/wheels): task ids and the routing rng reach the module, the gin model file parses
 and builds the module, and the factor/axis rules cover every adapter axis."""
 import os
+import subprocess
+import sys
 
 import flax
 import gin
@@ -16,6 +18,7 @@ from tensorpoly_jax.methods import AdapterConfig
 from tensorpoly_jax.t5 import scoring
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs")
 
 
 pytest.importorskip("t5x", reason="T5X is not installed: pip install --no-deps"
@@ -86,20 +89,104 @@ def test_task_ids_and_routing_rng_reach_the_module(bridge):
     model.score_batch(params, {**batch, "encoder_segment_ids": np.ones((4, 7), np.int32)})
 
 
-def test_gin_model_file_builds_the_adapted_t0_module(bridge):
+def parse_t5x_gin(files, bindings=()):
+  """T5X's own gin parsing (search path: tensorpoly's configs), as ``python -m t5x.train`` does."""
+  from t5x import gin_utils
+
   gin.clear_config()
+  gin_utils.parse_gin_flags([CONFIGS], list(files), list(bindings))
+
+
+@pytest.mark.parametrize("method", sorted(methods.METHODS))
+def test_gin_model_file_per_method_builds_the_adapted_t0_module(bridge, method):
+  from t5x import optimizers
+
   try:
-    gin.parse_config_files_and_bindings(
-        [os.path.join(ROOT, "configs", "t5x", "t0_3b_poly.gin")], ["N_TASKS = 36"])
+    parse_t5x_gin([f"t5x/{method}.gin"], ["N_TASKS = 36"])
     module = gin.get_configurable(bridge.t5_module)()
+    optimizer = gin.get_configurable(bridge.adapters_only)()
     rules = gin.get_configurable(bridge.adapter_factor_rules)()
   finally:
     gin.clear_config()
   assert module.config.emb_dim == 2048 and module.config.num_encoder_layers == 24
   assert not module.config.scan_layers  # restores T5X's per-layer checkpoints
-  assert module.config.adapter == AdapterConfig("poly", lora_rank=1, n_skills=8, n_tasks=36)
+  adapter = module.config.adapter
+  assert adapter.method == method and adapter.n_tasks == 36
   assert module.config.dtype == jnp.bfloat16
-  assert "skills" in rules
+  assert isinstance(optimizer, optimizers.MultiOptimizer) and "skills" in rules
+
+
+def t5x_dataset(mixture, batch_size, task_feature_lengths):
+  from t5x import utils
+
+  config = utils.DatasetConfig(mixture_or_task_name=mixture, split="train", shuffle=True,
+                               task_feature_lengths=task_feature_lengths, batch_size=batch_size,
+                               seed=0, pack=False, use_cached=False,
+                               module="tensorpoly_jax.data.embedded_tasks")
+  from tensorpoly_jax import t5x_bridge
+
+  return utils.get_dataset(config, 0, 1, t5x_bridge.EncoderDecoderModel.FEATURE_CONVERTER_CLS)
+
+
+def test_mixture_through_t5x_get_dataset_keeps_task_ids(bridge):
+  """T5X's data path (no passthrough_features) with T5X's usual lengths (inputs/targets only)."""
+  from tensorpoly_jax.data import embedded_tasks
+
+  batch = next(t5x_dataset("embedded_train", 64, {"inputs": 32, "targets": 8}).as_numpy_iterator())
+  task_ids = batch["task_id"][:, 0]
+  assert batch["task_id"].shape == (64, 1) and batch["encoder_input_tokens"].shape == (64, 32)
+  assert set(task_ids) <= set(embedded_tasks.ROUTING_IDS.values()) and len(set(task_ids)) > 5
+  with pytest.raises(ValueError, match="pack=False"):
+    bridge.EncoderDecoderModel.FEATURE_CONVERTER_CLS(pack=True)
+
+
+TINY_T5X = ["PRESET = 'tiny'", "ACTIVATION_DTYPE = 'float32'"]
+
+
+def mesh_of_4x2_partitioner():
+  from t5x import partitioning
+
+  class MeshOf4x2(partitioning.PjitPartitioner):
+    """T5X's CPU mesh is data 1 x model 8; a pod slice's would be data 4 x model 2."""
+
+    @property
+    def mesh(self):
+      return jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+
+  return MeshOf4x2
+
+
+def test_t5x_trainer_on_a_4x2_mesh_trains_adapters_only(bridge):
+  """The shipped model gin, T5X's PjitPartitioner (data 4 x model 2) and Trainer: the backbone
+  comes out bit-identical, every adapter side moves."""
+  from t5x import partitioning, trainer, utils
+
+  MeshOf4x2 = mesh_of_4x2_partitioner()
+  try:
+    parse_t5x_gin(["t5x/poly.gin", "t5x/data_embedded.gin"], TINY_T5X)
+    model = gin.query_parameter("%MODEL").scoped_configurable_fn()
+    partitioner = MeshOf4x2(num_partitions=2, logical_axis_rules=(
+        partitioning.standard_logical_axis_rules(additional_rules=bridge.adapter_axis_rules())))
+  finally:
+    gin.clear_config()
+  assert partitioner.mesh.shape == {"data": 4, "model": 2}
+  shapes = {"encoder_input_tokens": (8, 32), "decoder_input_tokens": (8, 8)}
+  initializer = utils.TrainStateInitializer(model.optimizer_def, model.get_initial_variables,
+                                            shapes, partitioner)
+  state = initializer.from_scratch(jax.random.PRNGKey(0))
+  before = jax.tree_util.tree_map(np.asarray, flax.traverse_util.flatten_dict(state.params))
+  t5x_trainer = trainer.Trainer(model, state, partitioner, eval_names=[], summary_dir=None,
+                                train_state_axes=initializer.train_state_axes, rng=jax.random.PRNGKey(1),
+                                learning_rate_fn=lambda step: 1e-2, num_microbatches=None)
+  batches = t5x_dataset("embedded_train", 8, {"inputs": 32, "targets": 8}).as_numpy_iterator()
+  t5x_trainer.train(batches, num_steps=2)
+  after = flax.traverse_util.flatten_dict(t5x_trainer.train_state.params)
+  assert any("model" in tuple(x.sharding.spec) for x in after.values())  # T5X's 1-D model parallel
+  adapter_keys = [k for k in before if bridge.is_adapter_param("/".join(k))]
+  assert adapter_keys and len(adapter_keys) < len(before)
+  for key, value in before.items():
+    moved = not np.array_equal(value, np.asarray(after[key]))
+    assert moved == (key in adapter_keys), key  # lora_a, lora_b and every router row move
 
 
 @pytest.mark.parametrize("method", sorted(methods.METHODS))
@@ -124,3 +211,47 @@ def test_rules_cover_every_adapter_axis(bridge, method):
     factors = {factor_rules[name] for name in names}
     # T5X rejects a param factored over ROW and COLUMN with a NONE axis left over.
     assert not {dim.ROW, dim.COLUMN, dim.NONE} <= factors, names
+
+
+@pytest.mark.slow
+def test_t5x_train_adapts_a_t5x_backbone_checkpoint(bridge, tmp_path):
+  """``python -m t5x.train`` with the shipped model, run and data files at the tiny preset,
+  restoring a backbone-only T5X checkpoint: adapters start from scratch and train, the backbone
+  is the checkpoint's, bit for bit."""
+  import orbax.checkpoint as ocp
+  import seqio
+  from t5x import adafactor, checkpoints, utils
+
+  vocabulary = seqio.ByteVocabulary()
+  backbone_model = bridge.EncoderDecoderModel(bridge.t5_module("tiny", None, dtype="float32"),
+                                              vocabulary, vocabulary, adafactor.Adafactor())
+  partitioner = mesh_of_4x2_partitioner()(num_partitions=2)
+  shapes = {"encoder_input_tokens": (8, 32), "decoder_input_tokens": (8, 8)}
+  backbone = utils.TrainStateInitializer(backbone_model.optimizer_def,
+                                         backbone_model.get_initial_variables, shapes,
+                                         partitioner).from_scratch(jax.random.PRNGKey(0))
+  checkpoints.Checkpointer(backbone, partitioner, str(tmp_path / "backbone")).save(backbone)
+
+  command = [sys.executable, "-m", "t5x.train", f"--gin_search_paths={CONFIGS}",
+             "--gin_file=t5x/tensorpoly_i.gin", "--gin_file=t5x/runs/finetune_adapters.gin",
+             "--gin_file=t5x/data_embedded.gin", f"--gin.MODEL_DIR='{tmp_path / 'run'}'",
+             f"--gin.INITIAL_CHECKPOINT_PATH='{tmp_path / 'backbone' / 'checkpoint_0'}'",
+             "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", "--gin.TRAIN_STEPS=3",
+             "--gin.BATCH_SIZE=8", "--gin.SAVE_PERIOD=3", "--gin.LEARNING_RATE=0.01",
+             *(f"--gin.{binding.replace(' ', '')}" for binding in TINY_T5X)]
+  # T5X's CPU mesh puts every device on 'model': 2 of them split the tiny preset's 4 heads.
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+  assert run.returncode == 0, run.stderr[-3000:]
+
+  trained = ocp.PyTreeCheckpointer().restore(str(tmp_path / "run" / "checkpoint_3" / "state"))
+  assert int(trained["state"]["step"]) == 3
+  params = flax.traverse_util.flatten_dict(trained["target"])
+  restored = flax.traverse_util.flatten_dict(jax.device_get(backbone.params))
+  adapters = {k: v for k, v in params.items() if bridge.is_adapter_param("/".join(k))}
+  assert set(params) == set(restored) | set(adapters) and adapters
+  for key, value in restored.items():
+    np.testing.assert_array_equal(np.asarray(params[key]), value, err_msg="/".join(key))
+  # TensorPoly-I's routers start uniform(+-1e-3); trained rows move past that.
+  router_rows = [np.asarray(v) for k, v in adapters.items() if k[-1] == "skill_logits"]
+  assert router_rows and max(np.abs(row).max() for row in router_rows) > 1e-3

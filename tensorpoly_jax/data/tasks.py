@@ -34,6 +34,7 @@ logging.getLogger("absl").addFilter(_InMemorySourceFilter())
 EMBEDDED_TRAIN = "embedded_train"
 EMBEDDED_HELDOUT = "embedded_heldout"
 NO_TASK_ID = -1
+TASK_FEATURE = "task_id"
 
 
 def byte_vocabulary() -> seqio.Vocabulary:
@@ -47,8 +48,12 @@ def sentencepiece_vocabulary(model_file: str) -> seqio.Vocabulary:
 
 
 def output_features(vocabulary: seqio.Vocabulary, inputs_eos: bool = True):
+  """Tokenized ``inputs``/``targets`` and the routing ``task_id`` (``int32[1]``): an output
+  feature, so that seqio mixtures keep it wherever they are read (T5X's ``utils.get_dataset``
+  passes no ``passthrough_features``)."""
   return {"inputs": seqio.Feature(vocabulary, add_eos=inputs_eos),
-          "targets": seqio.Feature(vocabulary, add_eos=True)}
+          "targets": seqio.Feature(vocabulary, add_eos=True),
+          TASK_FEATURE: seqio.Feature(seqio.PassThroughVocabulary(0), add_eos=False)}
 
 
 class RoutedEncDecFeatureConverter(seqio.EncDecFeatureConverter):
@@ -61,8 +66,12 @@ class RoutedEncDecFeatureConverter(seqio.EncDecFeatureConverter):
       raise ValueError("tensorpoly batches are unpacked (one task id per row): set pack=False"
                        " (T5X: DatasetConfig.pack = False).")
     spec = seqio.FeatureConverter.FeatureSpec
-    kwargs.setdefault("passthrough_features", {"task_id": spec(dtype=tf.int32, rank=1)})
+    kwargs.setdefault("passthrough_features", {TASK_FEATURE: spec(dtype=tf.int32, rank=1)})
     super().__init__(pack=False, **kwargs)
+
+  def __call__(self, ds, task_feature_lengths):
+    # T5X run files give lengths for inputs and targets only; the routing id is one int.
+    return super().__call__(ds, {TASK_FEATURE: 1, **task_feature_lengths})
 
 
 def feature_converter() -> seqio.FeatureConverter:
@@ -70,7 +79,7 @@ def feature_converter() -> seqio.FeatureConverter:
 
 
 def feature_lengths(inputs_length: int, targets_length: int) -> dict[str, int]:
-  return {"inputs": inputs_length, "targets": targets_length, "task_id": 1}
+  return {"inputs": inputs_length, "targets": targets_length, TASK_FEATURE: 1}
 
 
 def _columns(rows: Sequence[Mapping], task_id: int) -> dict[str, np.ndarray]:
@@ -83,7 +92,7 @@ def _columns(rows: Sequence[Mapping], task_id: int) -> dict[str, np.ndarray]:
                                   for r in rows], object).reshape(len(rows), width),
       "num_choices": np.array([len(r["answer_choices"]) for r in rows], np.int32),
       "label": np.array([r["label"] for r in rows], np.int32),
-      "task_id": np.full((len(rows), 1), task_id, np.int32),
+      TASK_FEATURE: np.full((len(rows), 1), task_id, np.int32),
   }
 
 
@@ -190,7 +199,6 @@ def get_dataset(name: str, inputs_length: int, targets_length: int, split: str =
   """Model-ready examples (``encoder_input_tokens`` ... ``task_id``) of a task or mixture."""
   provider = get_task_or_mixture(name)
   lengths = feature_lengths(inputs_length, targets_length)
-  kwargs = dict(passthrough_features=["task_id"]) if isinstance(provider, seqio.Mixture) else {}
   ds = provider.get_dataset(lengths, split=split, shuffle=shuffle, seed=seed,
-                            shard_info=shard_info, num_epochs=num_epochs, **kwargs)
+                            shard_info=shard_info, num_epochs=num_epochs)
   return feature_converter()(ds.map(lambda ex: {k: ex[k] for k in lengths}), lengths)
