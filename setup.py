@@ -41,7 +41,8 @@ setup(
     package_dir={"tensorpoly_jax.configs": "configs"},
     package_data={"tensorpoly_jax.configs": ["*/*.gin", "*/*/*.gin"]},
     install_requires=CORE,
-    extras_require={"torch": ["torch>=2.13", "transformers>=5.23"],
+    # torch: pickled checkpoints (--allow_pickle) and serving PEFT exports with transformers.
+    extras_require={"torch": ["torch>=2.13", "transformers>=5.23", "peft>=0.21.2"],
                     "benchmarks": ["torch>=2.13", "transformers>=5.23", "peft>=0.21.2"],
                     "tests": TESTS,
                     # libtpu for this jax: TPU runs, and `tensorpoly compile --topology=v4:...`

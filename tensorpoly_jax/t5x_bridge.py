@@ -9,7 +9,8 @@ The adapter layers never import T5X; only this module does. A T5X gin file uses 
   MODEL = @t5x_bridge.EncoderDecoderModel()
   t5x_bridge.EncoderDecoderModel.module = @t5x_bridge.t5_module()
 
-(``configs/t5x/t0_3b_poly.gin`` is a complete model file.)
+(``configs/t5x/<method>.gin`` are complete model files; ``configs/t5x/runs/finetune_adapters.gin``
+restores a backbone-only T5X checkpoint into them.)
 """
 from __future__ import annotations
 
