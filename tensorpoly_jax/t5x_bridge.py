@@ -18,6 +18,9 @@ import flax
 import jax
 import jax.numpy as jnp
 
+# Before T5X imports TensorFlow: the data package makes it quiet and CPU-only.
+from tensorpoly_jax import data  # noqa: F401
+
 try:
   from t5x import adafactor, models, optimizers
 except ImportError as err:  # pragma: no cover - depends on the environment

@@ -1,5 +1,6 @@
 """The README's example runs, and the layers other T5X projects import stay free of the toolchain."""
 import ast
+import importlib.util
 import os
 import pathlib
 import re
@@ -83,3 +84,14 @@ def test_an_installed_wheel_finds_its_gin_files_from_any_directory(tmp_path):
       cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   assert (tmp_path / "run" / "backbone" / "t5_config.json").exists()
+
+
+def test_importing_the_data_pipeline_and_the_t5x_bridge_is_quiet():
+  """TensorFlow (seqio's pipelines) prints nothing at import: no CUDA probing, no oneDNN notice."""
+  modules = "tensorpoly_jax.cli"
+  if importlib.util.find_spec("t5x"):
+    modules += ", tensorpoly_jax.t5x_bridge"
+  env = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
+  done = subprocess.run([sys.executable, "-c", f"import {modules}"], env=env,
+                        capture_output=True, text=True, check=True)
+  assert done.stderr == ""
