@@ -239,10 +239,10 @@ class TensorPolyII(_Tensor):
 
   ``g_n = Σ_s w[b,n,s] leaves[n,s]`` (times ``Σ_s w[b,n,s]`` when ``scale_by_weight_sum``, the
   reference's first line), then the vector is the tensor product of the routed ``g_n``: a
-  non-linear merge of skills. One trainable LayerNorm per pair position.
+  non-linear merge of skills. One LayerNorm per pair position (affines frozen unless
+  ``train_pair_norm``).
   """
 
-  train_pair_norm: bool = True
   scale_by_weight_sum: bool = True
 
   def routing_heads(self):

@@ -31,7 +31,9 @@ class AdapterConfig:
 
   ``n_skills`` is the skill inventory S, which is the tensor rank R for the tensor methods;
   ``n_splits`` is MHR's routing heads H; ``order`` is the tensor order N.
-  ``train_pair_norm=None`` takes the reference's choice: trainable for TensorPoly-II only.
+  ``train_pair_norm`` makes the pair LayerNorms' affines trainable; the reference's released
+  configs (``*_lora_sota.json``) and the paper's parameter counts keep them frozen for every
+  method, which is the default.
   ``shared_router`` routes every layer with one router (the reference has one per layer).
   """
 
@@ -42,7 +44,7 @@ class AdapterConfig:
   n_splits: int = 1
   order: int = 2
   pair_norm: str = "layernorm"
-  train_pair_norm: bool | None = None
+  train_pair_norm: bool = False
   relaxed_bernoulli: bool = False
   shared_router: bool = False
   targets: str = DEFAULT_TARGETS
@@ -71,12 +73,6 @@ class AdapterConfig:
   def routing_heads(self) -> int:
     return {"mhr": self.n_splits, "tensorpoly_ii": self.order}.get(self.method, 1)
 
-  @property
-  def pair_norm_trainable(self) -> bool:
-    if self.train_pair_norm is None:
-      return self.method == "tensorpoly_ii"
-    return self.train_pair_norm
-
   def matches(self, path: str) -> bool:
     return re.fullmatch(self.targets, path) is not None
 
@@ -92,7 +88,7 @@ class AdapterConfig:
       kwargs.update(n_splits=self.n_splits)
     if self.method in TENSOR:
       kwargs.update(order=self.order, pair_norm=self.pair_norm,
-                    train_pair_norm=self.pair_norm_trainable)
+                    train_pair_norm=self.train_pair_norm)
     return METHODS[self.method](**kwargs)
 
   def dense_delta(self, inputs, contracted_axes: tuple[int, ...], outputs_shape: tuple[int, ...],
@@ -130,7 +126,7 @@ class AdapterConfig:
     else:
       q_in, q_out = ent.leaf_size(d_in, n), ent.leaf_size(d_out, n)
       counts["adapter"] = n * s * r * (q_in + q_out)
-      if self.pair_norm == "layernorm" and self.pair_norm_trainable:
+      if self.pair_norm == "layernorm" and self.train_pair_norm:
         positions = ent.num_pairs(n) if self.method == "tensorpoly_ii" else 1
         counts["pair_norm"] = 2 * r * (q_in**2 + q_out**2) * positions
     if self.routed and not self.shared_router:
