@@ -3,7 +3,7 @@ ahead of time for TPU slices (libtpu, on this CPU host) with the shipped gin fil
 (scanned layers, remat=full, bf16 compute and backbone). The baseline, in the same process, is
 the same pretraining step with a float32-stored backbone.
 
-  python benchmarks/t0_memory.py [--quick]
+  python benchmarks/t0_memory.py [--quick] [--methods=tensorpoly_ii,...]
 
 Each row is what `tensorpoly compile --stage=S --gin_file=models/M.gin
 --gin_file=adapters/A.gin --topology=T [--gin.MODEL_PARALLEL=P]` prints.
@@ -39,9 +39,14 @@ def compile_report(model_file, method, topology, model_parallel, stage, override
 
 
 def main():
-  args = common.argument_parser(__doc__).parse_args()
+  parser = common.argument_parser(__doc__)
+  parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
+  args = parser.parse_args()
   targets = TARGETS["quick" if args.quick else "default"]
-  methods = ("tensorpoly_ii",) if args.quick else METHODS
+  methods = ("tensorpoly_ii",) if args.quick else tuple(args.methods.split(","))
+  unknown = sorted(set(methods) - set(METHODS))
+  if unknown:
+    parser.error(f"--methods: {unknown} are not methods; choose from {METHODS}")
   rows = []
 
   def run(model_file, method, topology, mp, stage, param_dtype=None):

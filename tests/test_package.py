@@ -87,11 +87,13 @@ def test_an_installed_wheel_finds_its_gin_files_from_any_directory(tmp_path):
 
 
 def test_importing_the_data_pipeline_and_the_t5x_bridge_is_quiet():
-  """TensorFlow (seqio's pipelines) prints nothing at import: no CUDA probing, no oneDNN notice."""
+  """TensorFlow (seqio's pipelines) prints nothing at import nor at its first op: no CUDA
+  probing, no oneDNN notice."""
   modules = "tensorpoly_jax.cli"
   if importlib.util.find_spec("t5x"):
     modules += ", tensorpoly_jax.t5x_bridge"
   env = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
-  done = subprocess.run([sys.executable, "-c", f"import {modules}"], env=env,
+  pipeline_op = "import tensorflow as tf; tf.data.Dataset.range(3).reduce(0, lambda a, b: a + b)"
+  done = subprocess.run([sys.executable, "-c", f"import {modules}; {pipeline_op}"], env=env,
                         capture_output=True, text=True, check=True)
   assert done.stderr == ""

@@ -3,8 +3,7 @@ import contextlib
 import os
 
 # TensorFlow only runs seqio's input pipelines: it must leave the GPUs (and their memory) to JAX,
-# and keep its C++ logs quiet. Enumerating GPUs where there are none logs a cuInit error, so the
-# devices are hidden only on a machine that has NVIDIA's device files.
+# and keep its C++ logs quiet.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # its start-up notice; no TF math runs here
 
@@ -26,5 +25,6 @@ def _stderr_muted():
 with _stderr_muted():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-if os.path.exists("/dev/nvidiactl"):
+  # Hiding the GPUs enumerates them now, where a machine without any logs a cuInit error, rather
+  # than at the first pipeline op.
   tf.config.set_visible_devices([], "GPU")
