@@ -37,9 +37,11 @@ def parse_gin(gin_files, gin_flags, model_dir=None, search_paths=()) -> None:
   """Parses the files, then the flag bindings; a flag that names no macro the files define, or a
   parameter gin does not know, fails here, before any work."""
   gin.clear_config()
-  for path in (*search_paths, CONFIGS, os.getcwd()):
+  roots = (*search_paths, CONFIGS, os.getcwd())
+  for path in roots:  # for `include`s inside the files
     gin.add_config_file_search_path(path)
-  gin.parse_config_files_and_bindings(list(gin_files), [], finalize_config=False)
+  gin.parse_config_files_and_bindings([_find_gin_file(name, roots) for name in gin_files], [],
+                                      finalize_config=False)
   bindings = [f"MODEL_DIR = {model_dir!r}"] if model_dir else []
   for flag in gin_flags:
     match = GIN_FLAG.fullmatch(flag)
@@ -51,6 +53,16 @@ def parse_gin(gin_files, gin_flags, model_dir=None, search_paths=()) -> None:
     bindings.append(f"{name} = {value}")
   gin.parse_config(bindings)
   gin.finalize()
+
+
+def _find_gin_file(name: str, roots) -> str:
+  """The path of ``name`` as given or under the first root that has it (gin itself would log a
+  "Path not found" error for each place it looks before the right one)."""
+  for candidate in (name, *(os.path.join(root, name) for root in roots)):
+    if os.path.isfile(candidate):
+      return candidate
+  raise ValueError(f"--gin_file={name}: no such file here or in {', '.join(roots)}"
+                   " (--gin_search_paths adds folders).")
 
 
 def _check_macro(name: str) -> None:

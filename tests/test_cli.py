@@ -1,5 +1,6 @@
 """The T5X-style commands on the embedded suite, at toy sizes: train -> adapt -> eval -> sweep."""
 import json
+import logging
 
 import pytest
 
@@ -56,3 +57,10 @@ def test_sweep_over_a_grid_of_macros(backbone, tmp_path):
   assert rows[1]["adaptation_params"] == 2 * rows[0]["adaptation_params"]  # r (d_in + d_out)
   assert (tmp_path / "LORA_RANK=2" / "adapt_results.json").exists()
   assert (tmp_path / "sweep.png").exists()
+
+
+def test_gin_files_are_found_without_false_errors_and_a_missing_one_is_named(caplog):
+  cli.parse_gin(["runs/compile.gin", "models/tiny.gin", "adapters/lora.gin"], [])  # includes
+  assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+  with pytest.raises(ValueError, match=r"--gin_file=models/tny.gin: no such file here or in .*configs"):
+    cli.parse_gin(["models/tny.gin"], [])
