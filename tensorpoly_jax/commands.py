@@ -2,21 +2,20 @@
 with gin). Results go to JSON files in the model directory."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
 import jax
 import numpy as np
 
-from tensorpoly_jax import (aot, checkpoints, evaluation, metrics, partitioning, paths, peft_bridge,
+from tensorpoly_jax import (aot, checkpoints, evaluation, partitioning, paths, peft_bridge,
                            pipeline)
 from tensorpoly_jax.data import tasks
 from tensorpoly_jax.methods import AdapterConfig
 from tensorpoly_jax.t5 import convert as t5_convert
 from tensorpoly_jax.t5 import layout
 from tensorpoly_jax.t5.model import (EncoderDecoder, RunOptions, T5Config, abstract_variables,
-                                     config_to_dict, merge_params, preset, split_params)
+                                     merge_params, preset, split_params)
 from tensorpoly_jax.trainer import TrainConfig
 
 SUITES = ("embedded", "t0")
@@ -84,28 +83,13 @@ def adapt(model_dir: str, backbone_dir: str, adapter_dir: str, heldout, train_co
   Writes ``model_dir/adapt_results.json``: accuracy per task and seed, and seed summaries."""
   backbone = pipeline.load_backbone(backbone_dir, options or RunOptions(),
                                     train_config.make_mesh())
-  results = {}
-  for task in _task_list(heldout):
-    for seed in seeds:
-      run_dir = os.path.join(model_dir, "adapt", f"{task}_seed{seed}")
-      model, params, task_id = pipeline.adapt(run_dir, backbone, adapter_dir, task, shots,
-                                              seed, train_config)
-      accuracy = pipeline.evaluate_task(model, params, backbone.mesh, task, task_id,
-                                        train_config.inputs_length,
-                                        train_config.targets_length, batch_size=eval_batch_size,
-                                        length_normalize=length_normalize)
-      results.setdefault(task, {})[str(seed)] = accuracy
-      metrics.write_eval(run_dir, accuracy, train_config.steps)
-      if jax.process_index() == 0:
-        checkpoints.export_adapter(run_dir, "adapter", split_params(params)[0],
-                                   {"task": task, "task_id": task_id, "seed": seed,
-                                    "model": config_to_dict(model.config),
-                                    "adapter": dataclasses.asdict(model.config.adapter)})
-  summary = {task: evaluation.summarize(list(by_seed.values())) for task, by_seed in results.items()}
-  adapted = split_params(params)[0]
-  payload = {"accuracy": results, "summary": summary,
+  results = pipeline.adapt_heldout(model_dir, backbone, adapter_dir, _task_list(heldout), shots,
+                                   seeds, train_config, eval_batch_size, length_normalize)
+  summary = {task: evaluation.summarize(list(by_seed.values()))
+             for task, by_seed in results.accuracy.items()}
+  payload = {"accuracy": results.accuracy, "summary": summary,
              "mean_of_medians": float(np.mean([s["median"] for s in summary.values()])),
-             "adaptation_params": pipeline.count_params(adapted)}
+             "adaptation_params": results.adaptation_params}
   _write_json(os.path.join(model_dir, "adapt_results.json"), payload)
   return payload
 

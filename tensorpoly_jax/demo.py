@@ -18,7 +18,7 @@ from tensorpoly_jax.data import embedded, tasks
 from tensorpoly_jax.methods import AdapterConfig
 from tensorpoly_jax.optimizers import OptimizerConfig
 from tensorpoly_jax.reporting import write_report
-from tensorpoly_jax.t5.model import preset, split_params
+from tensorpoly_jax.t5.model import preset
 from tensorpoly_jax.trainer import TrainConfig
 
 METHODS = {
@@ -65,6 +65,7 @@ class DemoConfig:
     return TrainConfig(steps=steps, batch_size=self.adapt_batch_size if stage == "adapt" else
                        self.batch_size, inputs_length=self.inputs_length,
                        targets_length=self.targets_length, checkpoint_every=steps,
+                       loss="tfew" if stage == "adapt" else "lm",
                        keep_checkpoints=1, log_every=max(1, steps // 10), optimizer=optimizer)
 
 
@@ -82,15 +83,9 @@ def run(model_dir: str, config: DemoConfig = DemoConfig()) -> dict:
     method_dir = os.path.join(model_dir, method)
     _, adapter_dir = pipeline.pretrain_adapters(method_dir, backbone, METHODS[method],
                                                 tasks.EMBEDDED_TRAIN, config.train_config("pretrain"))
-    results[method] = {"accuracy": {}, "adaptation_params": None}
-    for task in heldout:
-      for seed in config.seeds:
-        model, params, task_id = pipeline.adapt(
-            os.path.join(method_dir, "adapt", f"{task}_seed{seed}"), backbone, adapter_dir,
-            task, config.shots, seed, config.train_config("adapt"))
-        results[method]["accuracy"].setdefault(task, {})[str(seed)] = pipeline.evaluate_task(
-            model, params, backbone.mesh, task, task_id, **length)
-    results[method]["adaptation_params"] = pipeline.count_params(split_params(params)[0])
+    adapted = pipeline.adapt_heldout(method_dir, backbone, adapter_dir, heldout, config.shots,
+                                     config.seeds, config.train_config("adapt"))
+    results[method] = dataclasses.asdict(adapted)
   evaluation = {"config": dataclasses.asdict(config), "results": results,
                 "seconds": round(time.time() - started, 1)}
   with open(os.path.join(model_dir, EVALUATION_FILE), "w") as f:

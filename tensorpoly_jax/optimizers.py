@@ -1,7 +1,8 @@
 """optax optimizers with one learning rate per parameter group; the frozen backbone gets none.
 
-Groups: ``router`` (skill logits), ``lora`` (``lora_a``/``lora_b`` of LoRA, Poly, MHR), ``leaf``
-(tensor leaves and pair norms), ``backbone`` (only when the backbone itself trains). The reference
+Groups are param roles (``param_roles``): ``router`` (skill logits), ``lora`` (``lora_a``/``lora_b``
+of LoRA, Poly, MHR), ``leaf`` and ``norm`` (tensor leaves, trainable pair norms: one rate),
+``backbone`` (only when the backbone itself trains). The reference
 gave only params named ``lora*`` the adapter rate, so its tensor leaves trained at the base rate:
 ``leaf_learning_rate=None`` keeps that, and setting it makes the choice explicit.
 """
@@ -12,6 +13,8 @@ import dataclasses
 import optax
 from flax import traverse_util
 from flax.core import unfreeze
+
+from tensorpoly_jax.param_roles import param_role
 
 OPTIMIZERS = ("adafactor", "adamw")
 
@@ -38,21 +41,16 @@ class OptimizerConfig:
       raise ValueError(f"learning rates must be > 0, got {rates}.")
 
   def rates(self) -> dict[str, float]:
+    """Peak learning rate per param role (pair-norm affines train with the leaves)."""
+    leaf = self.leaf_learning_rate or self.learning_rate
     return {"router": self.router_learning_rate, "lora": self.adapter_learning_rate,
-            "leaf": self.leaf_learning_rate or self.learning_rate, "backbone": self.learning_rate}
-
-
-def param_group(path: tuple[str, ...]) -> str:
-  if "adapter" not in path and "shared_router" not in path:
-    return "backbone"
-  if path[-1] == "skill_logits":
-    return "router"
-  return "lora" if path[-1].startswith("lora") else "leaf"
+            "leaf": leaf, "norm": leaf, "backbone": self.learning_rate}
 
 
 def group_labels(params):
+  """Each param's optimizer group: its role (``param_roles``)."""
   flat = traverse_util.flatten_dict(unfreeze(params))
-  return traverse_util.unflatten_dict({path: param_group(path) for path in flat})
+  return traverse_util.unflatten_dict({path: param_role(path) for path in flat})
 
 
 def schedule(peak: float, total_steps: int, warmup_fraction: float):
@@ -84,6 +82,6 @@ def logged_learning_rate(config: OptimizerConfig, params, total_steps: int):
   params, else tensor leaves), for the ``train/learning_rate`` curve; every group follows the same
   schedule shape."""
   used = set(traverse_util.flatten_dict(group_labels(params)).values())
-  group = next(g for g in ("backbone", "lora", "leaf", "router") if g in used)
+  group = next(g for g in ("backbone", "lora", "leaf", "norm", "router") if g in used)
   peak = config.rates()[group]
   return lambda step: float(schedule(peak, total_steps, config.warmup_fraction)(step))

@@ -12,9 +12,10 @@ import numpy as np
 from flax import traverse_util
 from flax.core import unfreeze
 
-from tensorpoly_jax import checkpoints, evaluation, partitioning, trainer
+from tensorpoly_jax import checkpoints, evaluation, metrics, partitioning, trainer
 from tensorpoly_jax.data import batches, choices, fewshot, tasks
 from tensorpoly_jax.methods import AdapterConfig
+from tensorpoly_jax.param_roles import param_role
 from tensorpoly_jax.routing import LOGIT_INIT_RANGE
 from tensorpoly_jax.t5 import convert, layout
 from tensorpoly_jax.t5.model import (EncoderDecoder, RunOptions, T5Config, abstract_variables,
@@ -116,7 +117,7 @@ def add_router_row(adapter_params, seed: int):
   flat = traverse_util.flatten_dict(unfreeze(adapter_params))
   rng = np.random.default_rng(seed)
   for path, value in flat.items():
-    if path[-1] == "skill_logits":
+    if param_role(path) == "router":
       row = rng.uniform(-LOGIT_INIT_RANGE, LOGIT_INIT_RANGE, (1, *value.shape[1:]))
       flat[path] = np.concatenate([np.asarray(value), row.astype(np.float32)], axis=0)
   return traverse_util.unflatten_dict(flat)
@@ -139,13 +140,45 @@ def adapt(model_dir: str, backbone: Backbone, adapter_dir: str, task_name: str, 
   params = merge_params(adapter_params, backbone.params)
   shots = fewshot.register_fewshot(task_name, k, seed)
   arrays = choices.choice_arrays(shots, "train", train.inputs_length, train.targets_length)
-  train = dataclasses.replace(train, loss="tfew", seed=seed)
+  if train.loss != "tfew":
+    raise ValueError(f"few-shot adaptation trains on answer-choice batches with T-Few's losses:"
+                     f" TrainConfig.loss must be 'tfew' (runs/adapt.gin sets it), got {train.loss!r}.")
+  train = dataclasses.replace(train, seed=seed)  # the few-shot seed seeds the run too
   stream = lambda start: batches.choice_batches(arrays, train.batch_size, seed, start, task_id,
                                                 _shard_info())
-  result = trainer.train(model, params, stream, train, model_dir,
-                         run_meta(f"adapt {task_name} k={k} seed={seed}", config, routing_ids),
-                         abstract_variables(model), description=f"adapt {task_name} s{seed}")
+  meta = run_meta(f"adapt {task_name} k={k} seed={seed}", config, routing_ids)
+  result = trainer.train(model, params, stream, train, model_dir, meta, abstract_variables(model),
+                         description=f"adapt {task_name} s{seed}")
+  if jax.process_index() == 0:  # the pretraining export's schema plus the adapted task
+    checkpoints.export_adapter(model_dir, "adapter", split_params(result.params)[0],
+                               {**meta, "task": task_name, "task_id": task_id, "seed": seed})
   return model, result.params, task_id
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptResults:
+  """Held-out accuracy per task and few-shot seed (``{task: {seed: accuracy}}``), and the size of
+  one adapted task's adapter and router params."""
+
+  accuracy: dict[str, dict[str, float]]
+  adaptation_params: int
+
+
+def adapt_heldout(model_dir: str, backbone: Backbone, adapter_dir: str, heldout, shots: int,
+                  seeds, train: trainer.TrainConfig, eval_batch_size: int = 32,
+                  length_normalize: bool = True) -> AdaptResults:
+  """Few-shot adaptation of every held-out task for every seed from one pretrained adapter, each
+  evaluated on its task's validation split; runs in ``model_dir/adapt/<task>_seed<seed>``."""
+  accuracy: dict[str, dict[str, float]] = {}
+  for task in heldout:
+    for seed in seeds:
+      run_dir = os.path.join(model_dir, "adapt", f"{task}_seed{seed}")
+      model, params, task_id = adapt(run_dir, backbone, adapter_dir, task, shots, seed, train)
+      accuracy.setdefault(task, {})[str(seed)] = value = evaluate_task(
+          model, params, backbone.mesh, task, task_id, train.inputs_length,
+          train.targets_length, batch_size=eval_batch_size, length_normalize=length_normalize)
+      metrics.write_eval(run_dir, value, train.steps)
+  return AdaptResults(accuracy, count_params(split_params(params)[0]))
 
 
 def evaluate_task(model: EncoderDecoder, params, mesh, task_name: str, task_id: int | None,

@@ -32,10 +32,10 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 from tensorpoly_jax import configurables  # noqa: F401 (configs/adapters/*.gin bind AdapterConfig)
 from tensorpoly_jax.data.tasks import TASK_FEATURE, RoutedEncDecFeatureConverter
 from tensorpoly_jax.methods import AdapterConfig
+from tensorpoly_jax.param_roles import ADAPTER_MODULES, is_adapter_path
 from tensorpoly_jax.partitioning import DEFAULT_RULES
 from tensorpoly_jax.routing import ROUTING_RNG
-from tensorpoly_jax.t5.model import (ADAPTER_MODULES, EncoderDecoder, dtype_named, is_adapter_path,
-                                     preset)
+from tensorpoly_jax.t5.model import EncoderDecoder, dtype_named, preset
 
 ADAPTER_AXES = ("tasks", "splits", "skills", "lora_rank", "order", "leaf")
 

@@ -182,15 +182,20 @@ def test_tfew_losses_match_numpy_loops():
   np.testing.assert_allclose(got["mc"], np.mean(mc_terms), rtol=1e-5)
 
 
-def test_optimizer_groups_get_their_rates():
-  from tensorpoly_jax import optimizers
+def test_param_roles_pick_the_optimizer_groups_and_their_rates():
+  from tensorpoly_jax.param_roles import ROLES, param_role
 
-  assert optimizers.param_group(("encoder", "layers_0", "mlp", "wo", "kernel")) == "backbone"
-  assert optimizers.param_group(("x", "query", "adapter", "router", "skill_logits")) == "router"
-  assert optimizers.param_group(("x", "query", "adapter", "lora_b")) == "lora"
-  assert optimizers.param_group(("x", "query", "adapter", "a", "leaves")) == "leaf"
+  assert param_role(("encoder", "layers_0", "mlp", "wo", "kernel")) == "backbone"
+  assert param_role(("x", "query", "adapter", "router", "skill_logits")) == "router"
+  assert param_role(("shared_router", "skill_logits")) == "router"
+  assert param_role(("x", "query", "adapter", "lora_b")) == "lora"
+  assert param_role(("x", "query", "adapter", "a", "leaves")) == "leaf"
+  assert param_role(("x", "query", "adapter", "b", "norm_scale")) == "norm"
+  with pytest.raises(ValueError, match="adapter/scale has no role"):
+    param_role(("x", "adapter", "scale"))
   config = OptimizerConfig(learning_rate=3e-4, adapter_learning_rate=1e-3, router_learning_rate=0.1)
-  assert config.rates()["leaf"] == 3e-4  # the reference's quirk, kept unless set
+  assert set(config.rates()) == set(ROLES)
+  assert config.rates()["leaf"] == config.rates()["norm"] == 3e-4  # the reference's quirk, kept
   with pytest.raises(ValueError, match="optimizer 'sgd' is unknown"):
     OptimizerConfig(name="sgd")
 

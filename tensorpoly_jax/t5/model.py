@@ -17,6 +17,7 @@ from flax.core import unfreeze
 from flax.linen import partitioning as nn_partitioning
 
 from tensorpoly_jax.methods import AdapterConfig
+from tensorpoly_jax.param_roles import is_adapter_path
 from tensorpoly_jax.routing import ROUTING_RNG, Router
 from tensorpoly_jax.t5 import layers
 
@@ -324,14 +325,6 @@ def abstract_variables(model: EncoderDecoder):
   return jax.eval_shape(lambda: model.init(
       jax.random.PRNGKey(0), tokens, tokens, tokens, enable_dropout=False,
       task_ids=jnp.zeros((1,), jnp.int32)))
-
-
-ADAPTER_MODULES = ("adapter", "shared_router")
-
-
-def is_adapter_path(path: tuple[str, ...]) -> bool:
-  """Adapter and router params live under a module named ``adapter`` (or the shared router)."""
-  return any(name in ADAPTER_MODULES for name in path)
 
 
 def split_params(params) -> tuple[dict, dict]:
