@@ -54,9 +54,22 @@ def test_adapter_layer_benchmark_runs_quick(tmp_path):
                   "--output", str(out)], check=True, capture_output=True)
   import json
 
-  rows = json.loads(out.read_text())["rows"]
+  payload = json.loads(out.read_text())
+  rows, size = payload["rows"], payload["size"]
   assert set(rows) == {"frozen", "lora", "tlora", "poly", "mhr", "tensorpoly_i", "tensorpoly_ii"}
-  assert all(row["seconds"] > 0 for row in rows.values())
+  from tensorpoly_jax.methods import AdapterConfig
+
+  spec = importlib.util.spec_from_file_location("adapter_layer",
+                                                ROOT / "benchmarks" / "adapter_layer.py")
+  adapter_layer = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(adapter_layer)  # the configs it measured
+
+  for name, row in rows.items():
+    assert row["seconds"] > 0
+    assert row["ratio"] == pytest.approx(row["seconds"] / rows["frozen"]["seconds"])
+    if name != "frozen":  # the params of the layer it timed, by SPEC's formulas
+      config = AdapterConfig(**{**adapter_layer.METHODS[name].__dict__, "n_tasks": size["n_tasks"]})
+      assert row["adapter_params"] == config.param_count(size["d_in"], size["d_out"])["total"]
 
 
 @pytest.mark.slow
