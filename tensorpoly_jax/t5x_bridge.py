@@ -139,3 +139,30 @@ def t5_module(preset_name: str = "t5_1_1_small", adapter: AdapterConfig | None =
                                dropout_rate=dropout_rate, scan_layers=scan_layers,
                                adapter=adapter))
 
+
+
+def save_t5x_checkpoint(backbone_dir: str, output_dir: str, partitioner=None) -> str:
+  """Writes a converted backbone (``tensorpoly convert``) as a T5X checkpoint at step 0, which
+  ``configs/t5x/runs/finetune_adapters.gin`` restores (``INITIAL_CHECKPOINT_PATH``); returns its
+  ``checkpoint_0`` path. The optimizer state is a fresh Adafactor's (the run makes its own).
+  ``partitioner``: T5X's, default ``PjitPartitioner(num_partitions=1)``."""
+  import seqio
+  from t5x import checkpoints, partitioning, utils
+
+  from tensorpoly_jax.t5 import convert
+
+  config, params = convert.load_converted(backbone_dir, scan_layers=False)
+  vocabulary = seqio.PassThroughVocabulary(config.vocab_size)
+  model = EncoderDecoderModel(EncoderDecoder(config.replace(adapter=None)), vocabulary,
+                              vocabulary, adafactor.Adafactor(
+                                  logical_factor_rules=adapter_factor_rules()))
+  partitioner = partitioner or partitioning.PjitPartitioner(num_partitions=1)
+  shapes = {"encoder_input_tokens": (1, 1), "decoder_input_tokens": (1, 1)}
+  state = utils.TrainStateInitializer(model.optimizer_def, model.get_initial_variables, shapes,
+                                      partitioner).from_scratch(jax.random.PRNGKey(0))
+  placed = jax.tree_util.tree_map(lambda new, old: jax.device_put(new.astype(old.dtype),
+                                                                  old.sharding),
+                                  params, flax.core.unfreeze(state.params))
+  state = state.replace_params(flax.core.freeze(placed))
+  checkpoints.Checkpointer(state, partitioner, output_dir).save(state)
+  return f"{output_dir.rstrip('/')}/checkpoint_0"

@@ -216,26 +216,23 @@ def test_rules_cover_every_adapter_axis(bridge, method):
 @pytest.mark.slow
 def test_t5x_train_adapts_a_t5x_backbone_checkpoint(bridge, tmp_path):
   """``python -m t5x.train`` with the shipped model, run and data files at the tiny preset,
-  restoring a backbone-only T5X checkpoint: adapters start from scratch and train, the backbone
-  is the checkpoint's, bit for bit."""
+  restoring a backbone-only T5X checkpoint written from a converted backbone: adapters start from
+  scratch and train, the backbone is the converted one, bit for bit."""
   import orbax.checkpoint as ocp
-  import seqio
-  from t5x import adafactor, checkpoints, utils
 
-  vocabulary = seqio.ByteVocabulary()
-  backbone_model = bridge.EncoderDecoderModel(bridge.t5_module("tiny", None, dtype="float32"),
-                                              vocabulary, vocabulary, adafactor.Adafactor())
-  partitioner = mesh_of_4x2_partitioner()(num_partitions=2)
-  shapes = {"encoder_input_tokens": (8, 32), "decoder_input_tokens": (8, 8)}
-  backbone = utils.TrainStateInitializer(backbone_model.optimizer_def,
-                                         backbone_model.get_initial_variables, shapes,
-                                         partitioner).from_scratch(jax.random.PRNGKey(0))
-  checkpoints.Checkpointer(backbone, partitioner, str(tmp_path / "backbone")).save(backbone)
+  from tensorpoly_jax import pipeline
+  from tensorpoly_jax.t5 import convert
+  from tensorpoly_jax.t5.model import EncoderDecoder, preset
 
+  model = EncoderDecoder(preset("tiny"))  # as `tensorpoly convert` would write it
+  convert.save_converted(str(tmp_path / "converted"), model.config,
+                         pipeline.init_params(model, 0, adapters_only=False))
+  checkpoint = bridge.save_t5x_checkpoint(str(tmp_path / "converted"), str(tmp_path / "backbone"),
+                                          mesh_of_4x2_partitioner()(num_partitions=2))
   command = [sys.executable, "-m", "t5x.train", f"--gin_search_paths={CONFIGS}",
              "--gin_file=t5x/tensorpoly_i.gin", "--gin_file=t5x/runs/finetune_adapters.gin",
              "--gin_file=t5x/data_embedded.gin", f"--gin.MODEL_DIR='{tmp_path / 'run'}'",
-             f"--gin.INITIAL_CHECKPOINT_PATH='{tmp_path / 'backbone' / 'checkpoint_0'}'",
+             f"--gin.INITIAL_CHECKPOINT_PATH='{checkpoint}'",
              "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", "--gin.TRAIN_STEPS=3",
              "--gin.BATCH_SIZE=8", "--gin.SAVE_PERIOD=3", "--gin.LEARNING_RATE=0.01",
              *(f"--gin.{binding.replace(' ', '')}" for binding in TINY_T5X)]
@@ -247,7 +244,7 @@ def test_t5x_train_adapts_a_t5x_backbone_checkpoint(bridge, tmp_path):
   trained = ocp.PyTreeCheckpointer().restore(str(tmp_path / "run" / "checkpoint_3" / "state"))
   assert int(trained["state"]["step"]) == 3
   params = flax.traverse_util.flatten_dict(trained["target"])
-  restored = flax.traverse_util.flatten_dict(jax.device_get(backbone.params))
+  restored = flax.traverse_util.flatten_dict(convert.load_converted(str(tmp_path / "converted"))[1])
   adapters = {k: v for k, v in params.items() if bridge.is_adapter_param("/".join(k))}
   assert set(params) == set(restored) | set(adapters) and adapters
   for key, value in restored.items():
