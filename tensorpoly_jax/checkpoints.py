@@ -144,5 +144,5 @@ def load_adapter(directory: str) -> tuple[dict, dict]:
 
   directory = paths.resolve(directory)
   meta = json.loads((directory / ADAPTER_META).read_text())
-  flat = load((directory / ADAPTER_FILE).read_bytes())
-  return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()}), meta
+  flat = load((directory / ADAPTER_FILE).read_bytes())  # a dict in no fixed order
+  return traverse_util.unflatten_dict({tuple(k.split("/")): flat[k] for k in sorted(flat)}), meta

@@ -116,7 +116,8 @@ def add_router_row(adapter_params, seed: int):
   (per-layer layout: the task axis leads)."""
   flat = traverse_util.flatten_dict(unfreeze(adapter_params))
   rng = np.random.default_rng(seed)
-  for path, value in flat.items():
+  for path in sorted(flat):  # the draws go to routers in one order, whatever the dict's
+    value = flat[path]
     if param_role(path) == "router":
       row = rng.uniform(-LOGIT_INIT_RANGE, LOGIT_INIT_RANGE, (1, *value.shape[1:]))
       flat[path] = np.concatenate([np.asarray(value), row.astype(np.float32)], axis=0)

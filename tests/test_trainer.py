@@ -123,6 +123,22 @@ def test_exported_adapter_loads_onto_a_fresh_backbone(backbone_dir, tmp_path):
   assert meta["routing_ids"] == tasks.routing_ids(tasks.mixture_task_names(tasks.EMBEDDED_TRAIN))
 
 
+def test_the_same_adaptation_twice_is_bit_identical(backbone_dir, tmp_path):
+  """A routed adapter's new task gets the same router rows every time (safetensors hands the
+  export back as a dict in no fixed order; the rows used to follow it), so the same command
+  prints the same accuracies."""
+  _, export = pretrain(tmp_path / "pretrain", backbone_dir, small_train(steps=2, checkpoint_every=2))
+  backbone = pipeline.load_backbone(backbone_dir)
+  heldout = tasks.embedded_heldout_task(sorted(embedded.HELDOUT_TASKS)[0])
+  adapt = small_train(steps=2, checkpoint_every=2, loss="tfew")
+  runs = [pipeline.adapt(str(tmp_path / f"adapt{i}"), backbone, export, heldout, 4, 0, adapt)
+          for i in range(3)]
+  first = traverse_util.flatten_dict(split_params(runs[0][1])[0])
+  for _, params, _ in runs[1:]:
+    again = traverse_util.flatten_dict(split_params(params)[0])
+    assert all(np.array_equal(first[k], again[k]) for k in first)
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(backbone_dir, tmp_path, monkeypatch):
   config, backbone = convert.load_converted(backbone_dir)
   adapter = AdapterConfig("lora", lora_rank=2, n_tasks=36)
