@@ -44,6 +44,11 @@ def test_pretrain_adapt_eval_commands(backbone, tmp_path):
                    f"--gin.ADAPTER_DIR='{adapted}'"]) == 0
   evaluated = json.loads((tmp_path / "eval_results.json").read_text())["accuracy"]
   assert evaluated["embedded__yew"] == pytest.approx(results["accuracy"]["embedded__yew"]["1"])
+  # The adapted TensorPoly-I export goes to PEFT as the LoRA its task's routing builds.
+  assert cli.main(["export", "--format=peft", f"--adapter_dir={adapted}",
+                   f"--output_dir={tmp_path / 'peft'}"]) == 0
+  peft_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+  assert peft_config["peft_type"] == "LORA" and peft_config["r"] == 2
 
 
 def test_sweep_over_a_grid_of_macros(backbone, tmp_path):
