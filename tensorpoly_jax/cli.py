@@ -17,6 +17,7 @@ import gin
 from tensorpoly_jax import aot, commands, distributed
 from tensorpoly_jax import configurables  # noqa: F401 (registers the configs' gin names)
 
+
 def _configs_dir() -> str:
   """The gin files: inside an installed package, or the checkout's ``configs/`` (editable)."""
   here = os.path.dirname(os.path.abspath(__file__))

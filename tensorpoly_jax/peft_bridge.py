@@ -10,7 +10,6 @@ PEFT has no tensor-product adapter, so TensorPoly-I/II go out one task at a time
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import re
@@ -23,7 +22,7 @@ from tensorpoly_jax import paths
 from tensorpoly_jax.methods import AdapterConfig
 from tensorpoly_jax.routing import Router
 from tensorpoly_jax.t5 import convert
-from tensorpoly_jax.t5.model import T5Config, config_from_dict, config_to_dict
+from tensorpoly_jax.t5.model import T5Config, config_from_dict
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -69,10 +68,10 @@ def task_lora(adapter: AdapterConfig, layer_params, d_in: int, d_out: int, task_
 def _target_modules(module_paths, shapes) -> list[str]:
   """PEFT's ``target_modules``: the projection names (``q``, ``wo``) where they select exactly the
   adapted modules, else every adapted module's full name."""
+  leaf = lambda name: name.rsplit(".", 1)[1]
   names = {convert.hf_module_name(path) for path in module_paths}
-  leaves = sorted({name.rsplit(".", 1)[1] for name in names})
-  covered = {convert.hf_module_name(path) for path in shapes
-             if convert.hf_module_name(path).rsplit(".", 1)[1] in leaves}
+  leaves = sorted({leaf(name) for name in names})
+  covered = {name for name in map(convert.hf_module_name, shapes) if leaf(name) in leaves}
   return leaves if covered == names else sorted(names)
 
 
@@ -113,8 +112,8 @@ def to_peft(adapter_params, meta: dict, task_id: int | None = None,
   for path, layer_params in modules.items():
     lora_a, lora_b = task_lora(adapter, layer_params, *shapes[path], task_id, routing_weights)
     name = PREFIX + convert.hf_module_name(path)
-    tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(lora_a.T)
-    tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(lora_b.T)
+    tensors[f"{name}.lora_A.weight"] = lora_a.T
+    tensors[f"{name}.lora_B.weight"] = lora_b.T
   config = _peft_config("LORA", modules, shapes, base_model, r=adapter.lora_rank, lora_alpha=1,
                         lora_dropout=0.0, bias="none", fan_in_fan_out=False)
   return config, tensors
@@ -154,7 +153,9 @@ def export(adapter_dir: str, output_dir: str, task_id: int | None = None,
   config, tensors = to_peft(*checkpoints.load_adapter(adapter_dir), task_id, base_model)
   directory = paths.resolve(output_dir)
   directory.mkdir(parents=True, exist_ok=True)
-  (directory / PEFT_WEIGHTS).write_bytes(save(tensors))
+  # safetensors writes each buffer as if C-ordered: transposed views must be copied first.
+  (directory / PEFT_WEIGHTS).write_bytes(
+      save({name: np.ascontiguousarray(value) for name, value in tensors.items()}))
   (directory / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
   return str(directory)
 
@@ -232,15 +233,14 @@ def import_(peft_dir: str, backbone_dir: str, output_dir: str) -> str:
   """Writes a PEFT adapter folder as a tensorpoly adapter export for the converted backbone."""
   from safetensors.numpy import load
 
-  from tensorpoly_jax import checkpoints
+  from tensorpoly_jax import checkpoints, pipeline
 
   source = paths.resolve(peft_dir)
-  backbone = config_from_dict(json.loads(
-      (paths.resolve(backbone_dir) / convert.CONVERTED_CONFIG).read_text()))
+  backbone = convert.converted_config(backbone_dir)
   adapter, params = from_peft(json.loads((source / PEFT_CONFIG).read_text()),
                               load((source / PEFT_WEIGHTS).read_bytes()), backbone)
   routing_ids = {f"task_{i}": i for i in range(adapter.n_tasks)} if adapter.routed else {}
-  meta = {"stage": f"import peft {peft_dir}", "model": config_to_dict(backbone),
-          "adapter": dataclasses.asdict(adapter), "routing_ids": routing_ids}
+  meta = pipeline.run_meta(f"import peft {peft_dir}", backbone.replace(adapter=adapter),
+                           routing_ids)
   parent = paths.resolve(output_dir)
   return checkpoints.export_adapter(str(parent.parent), parent.name, params, meta)

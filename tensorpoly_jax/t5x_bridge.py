@@ -140,7 +140,6 @@ def t5_module(preset_name: str = "t5_1_1_small", adapter: AdapterConfig | None =
                                adapter=adapter))
 
 
-
 def save_t5x_checkpoint(backbone_dir: str, output_dir: str, partitioner=None) -> str:
   """Writes a converted backbone (``tensorpoly convert``) as a T5X checkpoint at step 0, which
   ``configs/t5x/runs/finetune_adapters.gin`` restores (``INITIAL_CHECKPOINT_PATH``); returns its

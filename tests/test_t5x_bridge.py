@@ -119,12 +119,12 @@ def test_gin_model_file_per_method_builds_the_adapted_t0_module(bridge, method):
 def t5x_dataset(mixture, batch_size, task_feature_lengths):
   from t5x import utils
 
+  from tensorpoly_jax import t5x_bridge
+
   config = utils.DatasetConfig(mixture_or_task_name=mixture, split="train", shuffle=True,
                                task_feature_lengths=task_feature_lengths, batch_size=batch_size,
                                seed=0, pack=False, use_cached=False,
                                module="tensorpoly_jax.data.embedded_tasks")
-  from tensorpoly_jax import t5x_bridge
-
   return utils.get_dataset(config, 0, 1, t5x_bridge.EncoderDecoderModel.FEATURE_CONVERTER_CLS)
 
 

@@ -245,6 +245,13 @@ def save_converted(output_dir: str, config: T5Config, params) -> None:
   checkpointer.wait_until_finished()
 
 
+def converted_config(output_dir: str) -> T5Config:
+  """The T5Config of a ``save_converted`` folder (its params are not read)."""
+  from tensorpoly_jax import paths
+
+  return config_from_dict(json.loads((paths.resolve(output_dir) / CONVERTED_CONFIG).read_text()))
+
+
 def load_converted(output_dir: str, mesh=None, scan_layers: bool | None = None
                    ) -> tuple[T5Config, dict]:
   """``(config, params)`` of a ``save_converted`` folder.
@@ -258,7 +265,7 @@ def load_converted(output_dir: str, mesh=None, scan_layers: bool | None = None
   from tensorpoly_jax import partitioning, paths
 
   directory = paths.resolve(output_dir)
-  config = config_from_dict(json.loads((directory / CONVERTED_CONFIG).read_text()))
+  config = converted_config(output_dir)
   checkpointer = ocp.StandardCheckpointer()
   path = directory / CONVERTED_PARAMS
   saved = checkpointer.metadata(path).item_metadata.tree
