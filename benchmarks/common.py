@@ -32,6 +32,7 @@ def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> 
 class CompiledStep(NamedTuple):
   executable: object
   compile_s: float
+  model_flops: float  # the program's own FLOPs, counted before XLA rewrites it
   run: Callable[[], None]  # one blocking step that carries the (donated) state to the next call
 
 
@@ -44,6 +45,7 @@ def compile_steps(configs: Iterable[tuple], workers: int = 2) -> dict[str, Compi
   traced. Nothing is timed here: time the returned steps once this returns (all compiles done).
   """
   def compile_and_warm_up(lowered, state, frozen, batch):
+    model_flops = float(_first(lowered.cost_analysis()).get("flops", 0.0))
     start = time.perf_counter()
     executable = lowered.compile()
     compile_s = time.perf_counter() - start
@@ -54,13 +56,24 @@ def compile_steps(configs: Iterable[tuple], workers: int = 2) -> dict[str, Compi
       jax.block_until_ready(metrics)
 
     run()  # the first call also allocates its buffers
-    return CompiledStep(executable, compile_s, run)
+    return CompiledStep(executable, compile_s, model_flops, run)
 
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     futures = {name: pool.submit(compile_and_warm_up, step.lower(state, frozen, batch), state,
                                  frozen, batch)
                for name, step, state, frozen, batch in configs}
   return {name: future.result() for name, future in futures.items()}
+
+
+def _first(cost):
+  """``cost_analysis()`` answers a dict, or a one-element list of one on some JAX versions."""
+  return cost[0] if isinstance(cost, list) else cost
+
+
+def executable_flops(executable) -> float:
+  """FLOPs XLA counts in the compiled program. On a GPU this misses the matmuls it hands to
+  cuBLAS (a T5-large step: 2.8e12 of 1.6e13), so utilization uses ``model_flops``."""
+  return float(_first(executable.cost_analysis()).get("flops", 0.0))
 
 
 def interleaved_seconds(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict]:
@@ -87,11 +100,34 @@ def jax_matmul_peak(size: int | None = None, dtype=jnp.float32, repeats: int = 1
   return 2 * size**3 / stats["median_s"]
 
 
-def torch_matmul_peak(size: int = 2048, repeats: int = 10) -> float:
+def torch_device() -> str:
+  """Where the PyTorch side runs: the GPU when PyTorch sees one, as the JAX side does."""
   import torch
 
-  a, b = torch.randn(size, size), torch.randn(size, size)
-  stats = median_seconds(lambda: torch.mm(a, b), repeats)
+  return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_blocking(run: Callable[[], object]) -> Callable[[], None]:
+  """``run`` made to wait for its GPU kernels, so that a timer around it times them."""
+  import torch
+
+  if not torch.cuda.is_available():
+    return run
+
+  def blocking():
+    run()
+    torch.cuda.synchronize()
+  return blocking
+
+
+def torch_matmul_peak(dtype: str = "float32", repeats: int = 10) -> float:
+  """As ``jax_matmul_peak``, for PyTorch on ``torch_device()``."""
+  import torch
+
+  device = torch_device()
+  size = 2048 if device == "cpu" else 8192
+  a, b = (torch.randn(size, size, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
+  stats = median_seconds(torch_blocking(lambda: torch.mm(a, b)), repeats)
   return 2 * size**3 / stats["median_s"]
 
 

@@ -4,15 +4,19 @@ Hugging Face PEFT's LoRA and Poly (PyTorch) on the same shapes, in the same run.
 
 The JAX configurations run one after another in one worker process sharing the backbone arrays
 (memory: XLA's buffer assignment of each compiled step); each PEFT configuration runs before them
-in its own process (memory: its peak RSS growth over the step). The parent measures the matmul
-peak of JAX and of PyTorch first, then prints a table and writes JSON. The frozen-backbone step trains only
-the first layer norm of the encoder and of the decoder: the forward plus the activation backward
-through every layer, the floor of any adapter step. Achieved FLOP/s use each framework's own
-count (XLA's cost analysis; torch's FlopCounterMode, matmuls only). Where ours costs more than
+in its own process (memory: on a GPU its peak allocation, else its peak RSS growth over the step).
+The parent measures the matmul peak of JAX and of PyTorch first (on the GPU where there is one),
+then prints a table and writes JSON. The frozen-backbone step trains only the first layer norm of
+the encoder and of the decoder: the forward plus the activation backward through every layer, the
+floor of any adapter step. MFU is model FLOPs per second over that matmul peak, each framework
+counting its own: the JAX program's FLOPs before XLA optimizes it (XLA's count of the compiled
+program misses the GPU matmuls it hands to cuBLAS; kept as ``xla_counted_flops``), torch's
+FlopCounterMode (matmuls only). Where ours costs more than
 1.3x its frozen step or more than PEFT, one more (warm) step is traced with jax.profiler and
 summarized by HLO op group (adapter or backbone, forward or backward).
 
   python benchmarks/train_step.py [--quick] [--preset t5_1_1_large --dtype bfloat16] [--no-peft]
+      [--batch 8] [--no-profile]
 """
 from __future__ import annotations
 
@@ -22,6 +26,9 @@ import os
 import subprocess
 import sys
 
+# The parent (matmul peaks) and each worker share one accelerator: none may take most of its
+# memory up front, as XLA does by default.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -81,12 +88,12 @@ def run_ours(size: dict, dtype: str, peft_seconds: dict):
                                        size["repeats"])
   for name in names:
     executable, seconds = steps[name].executable, timings[name]["median_s"]
-    cost = executable.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    slow = (seconds > SLOWDOWN_TO_PROFILE * timings["frozen"]["median_s"]
+    slow = size["profile"] and (seconds > SLOWDOWN_TO_PROFILE * timings["frozen"]["median_s"]
             or seconds > peft_seconds.get(name, float("inf")))
     yield name, {**timings[name], "compile_s": steps[name].compile_s,
-                 "flops": float(cost.get("flops", 0.0)), "trainable_params": trainable[name],
+                 "flops": steps[name].model_flops,
+                 "xla_counted_flops": common.executable_flops(executable),
+                 "trainable_params": trainable[name],
                  "xla_mb": common.xla_step_mb(executable),
                  "profile": common.profile_ops(steps[name].run, executable, steps=1)
                             if slow else None}
@@ -107,7 +114,8 @@ def run_peft(name: str, size: dict, dtype: str) -> dict:
       num_decoder_layers=shape.num_decoder_layers, num_heads=shape.num_heads,
       feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
       pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-  model = transformers.T5ForConditionalGeneration(config)
+  device = common.torch_device()
+  model = transformers.T5ForConditionalGeneration(config).to(device)
   if dtype == "bfloat16":
     model = model.to(torch.bfloat16)
   model.train()
@@ -131,12 +139,11 @@ def run_peft(name: str, size: dict, dtype: str) -> dict:
   trainable = [p for p in model.parameters() if p.requires_grad]
   optimizer = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.0)
   arrays = _batch(size, shape.vocab_size)
-  inputs = {"input_ids": torch.from_numpy(arrays["encoder_input_tokens"]).long(),
-            "decoder_input_ids": torch.from_numpy(arrays["decoder_input_tokens"]).long(),
-            "labels": torch.from_numpy(arrays["decoder_target_tokens"]).long()}
-  if name == "poly":
-    inputs["task_ids"] = torch.from_numpy(arrays["task_ids"]).long()
+  names = {"input_ids": "encoder_input_tokens", "decoder_input_ids": "decoder_input_tokens",
+           "labels": "decoder_target_tokens", **({"task_ids": "task_ids"} if name == "poly" else {})}
+  inputs = {key: torch.from_numpy(arrays[ours]).long().to(device) for key, ours in names.items()}
 
+  @common.torch_blocking
   def run():
     optimizer.zero_grad(set_to_none=True)
     loss = model(**inputs).loss
@@ -150,10 +157,11 @@ def run_peft(name: str, size: dict, dtype: str) -> dict:
   with FlopCounterMode(display=False) as counter:  # the counted step doubles as the warm-up
     run()
   timing = common.median_seconds(run, size["repeats"], warmup=0)
-  return {**timing, "flops": float(counter.get_total_flops()),
+  memory = ({"gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20} if device == "cuda" else
+            {"rss_before_mb": rss_before, "peak_rss_mb": common.peak_rss_mb()})
+  return {**timing, **memory, "flops": float(counter.get_total_flops()),
           "trainable_params": int(sum(p.numel() for p in trainable)),
-          "rss_before_mb": rss_before, "peak_rss_mb": common.peak_rss_mb(),
-          "torch_threads": torch.get_num_threads()}
+          "torch_device": device, "torch_threads": torch.get_num_threads()}
 
 
 def worker(spec: str, size: dict, dtype: str, peft_seconds: dict) -> None:
@@ -167,7 +175,8 @@ def worker(spec: str, size: dict, dtype: str, peft_seconds: dict) -> None:
 def spawn(spec: str, args, methods, peft_seconds: dict) -> list[dict]:
   """Runs ``spec`` in a fresh process; one result per configuration it measured."""
   command = [sys.executable, os.path.abspath(__file__), "--worker", spec, "--dtype", args.dtype,
-             "--preset", args.preset or "", "--methods", ",".join(methods),
+             "--preset", args.preset or "", "--batch", str(args.batch or 0),
+             *(["--no-profile"] if args.no_profile else []), "--methods", ",".join(methods),
              "--peft-seconds", json.dumps(peft_seconds), *(["--quick"] if args.quick else [])]
   done = subprocess.run(command, capture_output=True, text=True, check=False)
   lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -180,7 +189,10 @@ def main():
   parser = common.argument_parser(__doc__)
   parser.add_argument("--preset", default=None, help="model shape (default t5_1_1_small)")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--batch", type=int, default=None, help="examples per step (default 8)")
   parser.add_argument("--no-peft", action="store_true", help="skip the PyTorch/PEFT side")
+  parser.add_argument("--no-profile", action="store_true",
+                      help="never trace a step with jax.profiler (it only explains a slow one)")
   parser.add_argument("--methods", default=",".join(METHODS),
                       help="comma-separated subset of the methods (the frozen step always runs)")
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -189,6 +201,9 @@ def main():
   size = dict(SIZES["quick" if args.quick else "default"])
   if args.preset:
     size["preset"] = args.preset
+  if args.batch:
+    size["batch"] = args.batch
+  size["profile"] = not args.no_profile
   methods = [m for m in args.methods.split(",") if m]
   unknown = sorted(set(methods) - set(METHODS))
   if unknown:
@@ -203,7 +218,7 @@ def main():
   peak = {"jax": common.jax_matmul_peak(dtype=jnp.bfloat16 if args.dtype == "bfloat16" else
                                         jnp.float32)}
   if not args.no_peft:
-    peak["torch"] = common.torch_matmul_peak()
+    peak["torch"] = common.torch_matmul_peak(args.dtype)
   print(f"train step: {size}, {args.dtype}, {jax.devices()[0].device_kind}, "
         f"{os.cpu_count()} cores; matmul peak "
         + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peak.items()), flush=True)
@@ -234,10 +249,12 @@ def _derive(rows, size, peak):
     row["x_frozen"] = row["median_s"] / frozen[row["framework"]]
     row["flops_per_s"] = row["flops"] / row["median_s"]
     row["gflops_per_s"] = row["flops_per_s"] / 1e9
-    row["of_peak"] = row["flops_per_s"] / peak.get("jax" if row["framework"] == "ours" else
+    row["mfu"] = row["flops_per_s"] / peak.get("jax" if row["framework"] == "ours" else
                                                    "torch", float("nan"))
     if "peak_rss_mb" in row:
       row["step_mb"] = row["peak_rss_mb"] - row["rss_before_mb"]
+    elif "gpu_peak_mb" in row:
+      row["step_mb"] = row["gpu_peak_mb"]
     if row["framework"] == "ours" and row["method"] in peft:
       row["ours_over_peft"] = row["median_s"] / peft[row["method"]]
 
@@ -247,10 +264,11 @@ def _report(rows):
       ("framework", "framework", ""), ("method", "method", ""), ("median_s", "median s", ".3f"),
       ("tokens_per_s", "tokens/s", ",.0f"), ("x_frozen", "x frozen", ".2f"),
       ("ours_over_peft", "ours/PEFT", ".2f"), ("gflops_per_s", "GFLOP/s", ".1f"),
-      ("of_peak", "of peak", ".1%"), ("xla_mb", "XLA MB", ",.0f"),
-      ("step_mb", "RSS+ MB", ",.0f"), ("trainable_params", "params", ",")])
+      ("mfu", "MFU", ".1%"), ("xla_mb", "XLA MB", ",.0f"),
+      ("step_mb", "PyTorch MB", ",.0f"), ("trainable_params", "params", ",")])
   print("XLA MB: the compiled step's arguments + outputs + temporaries (XLA buffer assignment);"
-        " RSS+ MB: peak resident memory growth over the PEFT step's own process.")
+        " PyTorch MB: on a GPU its peak allocated memory, on a CPU the peak resident memory"
+        " growth over the PEFT step's own process.")
   for row in rows:
     profile = row.get("profile")
     if profile:
