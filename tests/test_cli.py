@@ -10,12 +10,9 @@ pytestmark = pytest.mark.slow
 DATA = "--gin_file=runs/data_embedded.gin"
 
 
-@pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
-  model_dir = tmp_path_factory.mktemp("bb")
-  assert cli.main(["train", "--gin_file=models/tiny.gin", DATA, "--gin_file=runs/backbone.gin",
-                   f"--model_dir={model_dir}", "--gin.TRAIN_STEPS=10", "--gin.BATCH_SIZE=8"]) == 0
-  return model_dir / "backbone"
+@pytest.fixture
+def backbone(tiny_backbone_dir):
+  return tiny_backbone_dir
 
 
 def test_pretrain_adapt_eval_commands(backbone, tmp_path):

@@ -1,5 +1,6 @@
-"""Two local processes joined by jax.distributed train exactly like one process over the same
-global batches, and their checkpoint restores in a single-process run."""
+"""Two local processes joined by jax.distributed, stopped by one host's SIGTERM and resumed,
+train exactly like one process over the same global batches, and their checkpoint restores in a
+single-process run."""
 import os
 import re
 import socket
@@ -86,21 +87,27 @@ def _run_processes(model_dir, backbone_dir, preempted_process=None, after_step=N
   return outputs
 
 
-@pytest.fixture(scope="module")
-def two_process_run(backbone_dir, tmp_path_factory):
-  model_dir = tmp_path_factory.mktemp("two")
-  return model_dir, _run_processes(model_dir, backbone_dir)
-
-
 @pytest.mark.slow
-def test_two_processes_match_one_process_on_the_same_global_batches(
-    two_process_run, backbone_dir, tmp_path, monkeypatch):
-  model_dir, outputs = two_process_run
-  assert "pretrain poly" in outputs[0] and "pretrain poly" not in outputs[1]  # bar: process 0
+def test_preempted_two_process_run_resumes_matches_one_process_and_restores_in_one_process(
+    backbone_dir, tmp_path, monkeypatch):
+  """One two-process run serves three checks (each run of two processes costs a minute here)."""
+  two, one = tmp_path / "two", tmp_path / "one"
+  # 1. SIGTERM on one host after step 5: every host saves one agreed step and exits 0.
+  stopped = _run_processes(two, backbone_dir, preempted_process=1, after_step=5)
+  saved = [re.findall(r"every process saved checkpoint step (\d+)", out) for out in stopped]
+  assert saved[0] and saved[0] == saved[1], stopped
+  step = int(saved[0][0])
+  assert 5 < step < 10
+  assert sorted(os.listdir(two / "run" / "checkpoints")) == ["5", str(step)]
+  # The same command resumes from that step and runs to the end.
+  resumed = _run_processes(two, backbone_dir)
+  assert "saved checkpoint" not in resumed[0]
+  assert "pretrain poly" in resumed[0] and "pretrain poly" not in resumed[1]  # bar: process 0
+
+  # 2. It ends where one process reading both processes' shards side by side ends.
   real_lm_batches = batches.lm_batches
 
   def both_shards(name, batch_size, inputs_length, targets_length, seed, start, shard_info):
-    """One process reading the 2 processes' shards side by side: the same global batches."""
     assert shard_info == seqio.ShardInfo(0, 1)
     streams = [real_lm_batches(name, batch_size // PROCESSES, inputs_length, targets_length, seed,
                                start, seqio.ShardInfo(index, PROCESSES))
@@ -108,34 +115,17 @@ def test_two_processes_match_one_process_on_the_same_global_batches(
     for parts in zip(*streams):
       yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-  monkeypatch.setattr(batches, "lm_batches", both_shards)
-  assert cli.main(_pretrain_args(tmp_path, backbone_dir)) == 0
-  _assert_same(_adapter(model_dir), _adapter(tmp_path), rtol=1e-4, atol=1e-6)
+  with monkeypatch.context() as patch:
+    patch.setattr(batches, "lm_batches", both_shards)
+    assert cli.main(_pretrain_args(one, backbone_dir)) == 0
+  _assert_same(_adapter(two), _adapter(one), rtol=1e-4, atol=1e-6)
 
-
-@pytest.mark.slow
-def test_two_process_checkpoint_restores_in_one_process(two_process_run, backbone_dir):
-  model_dir, _ = two_process_run
-  exported = _adapter(model_dir)
-  os.remove(os.path.join(model_dir, "adapter", "adapter.safetensors"))
-  # Unsharded data: only a restored step-10 state (no steps left to run) re-exports the same.
-  assert cli.main(_pretrain_args(model_dir, backbone_dir)) == 0
-  _assert_same(_adapter(model_dir), exported, rtol=0, atol=0)
-
-
-@pytest.mark.slow
-def test_sigterm_on_one_host_makes_every_host_save_the_same_step(two_process_run, backbone_dir,
-                                                                 tmp_path):
-  outputs = _run_processes(tmp_path, backbone_dir, preempted_process=1, after_step=5)
-  saved = [re.findall(r"every process saved checkpoint step (\d+)", out) for out in outputs]
-  assert saved[0] and saved[0] == saved[1], outputs  # both stopped, at one agreed step
-  step = int(saved[0][0])
-  assert 5 < step < 10
-  assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["5", str(step)]
-  # The same command resumes from that step and ends where an uninterrupted run ends.
-  resumed = _run_processes(tmp_path, backbone_dir)
-  assert "saved checkpoint" not in resumed[0]
-  _assert_same(_adapter(tmp_path), _adapter(two_process_run[0]), rtol=1e-5, atol=1e-7)
+  # 3. Its checkpoint restores in one process: with unsharded data, only a restored step-10 state
+  # (no steps left to run) re-exports the same adapter.
+  exported = _adapter(two)
+  os.remove(os.path.join(two, "adapter", "adapter.safetensors"))
+  assert cli.main(_pretrain_args(two, backbone_dir)) == 0
+  _assert_same(_adapter(two), exported, rtol=0, atol=0)
 
 
 def test_process_group_from_flags_and_environment():

@@ -18,7 +18,6 @@ from tensorpoly_jax.data import choices, embedded, tasks
 from tensorpoly_jax.methods import AdapterConfig
 from tensorpoly_jax.optimizers import OptimizerConfig
 from tensorpoly_jax.t5.layers import DenseGeneral
-from tensorpoly_jax.t5.model import preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = embedded.Sizes(20, 2, 24, 12)
@@ -32,10 +31,9 @@ def small(**changes):
 
 
 @pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
+def backbone(tiny_backbone_dir):
   tasks.register_embedded(0, SIZES)
-  return pipeline.train_backbone(str(tmp_path_factory.mktemp("bb")), preset("tiny"),
-                                 tasks.EMBEDDED_TRAIN, small(steps=2, checkpoint_every=2))
+  return tiny_backbone_dir
 
 
 def pretrain(model_dir, backbone, config, adapter=None):
@@ -100,7 +98,7 @@ def test_lengths_that_cut_every_target_are_refused(backbone):
 def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
   args = ["train", "--gin_file=models/tiny.gin", "--gin_file=runs/data_embedded.gin",
           "--gin_file=runs/backbone.gin", f"--model_dir={tmp_path}", "--gin.BATCH_SIZE=8",
-          "--gin.TRAIN_STEPS=400", "--gin.TrainConfig.checkpoint_every=1000",
+          "--gin.TRAIN_STEPS=60", "--gin.TrainConfig.checkpoint_every=1000",
           "--gin.TrainConfig.log_every=1"]
   run = lambda: subprocess.Popen([sys.executable, "-m", "tensorpoly_jax", *args], cwd=ROOT,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -113,12 +111,12 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
   output = process.communicate(timeout=300)[0]
   assert process.returncode == 0, output
   saved = [int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit()]
-  assert len(saved) == 1 and 5 <= saved[0] < 400
+  assert len(saved) == 1 and 5 <= saved[0] < 60
   assert f"SIGTERM received: saved checkpoint step {saved[0]}" in output
   resumed = run()
   assert resumed.wait(timeout=600) == 0
   steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-  assert steps[saved[0]:] == list(range(saved[0] + 1, 401))  # resumed right after the saved step
+  assert steps[saved[0]:] == list(range(saved[0] + 1, 61))  # resumed right after the saved step
 
 
 # ---------------------------------------------------------------- fuzz: shapes and routing inputs

@@ -19,7 +19,7 @@ from tensorpoly_jax.data import batches, embedded, tasks
 from tensorpoly_jax.methods import AdapterConfig
 from tensorpoly_jax.optimizers import OptimizerConfig
 from tensorpoly_jax.t5 import convert
-from tensorpoly_jax.t5.model import EncoderDecoder, preset, split_params
+from tensorpoly_jax.t5.model import EncoderDecoder, split_params
 
 SIZES = embedded.Sizes(20, 2, 24, 12)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,11 +35,9 @@ def small_train(**changes):
 
 
 @pytest.fixture(scope="module")
-def backbone_dir(tmp_path_factory):
+def backbone_dir(tiny_backbone_dir):
   tasks.register_embedded(0, SIZES)
-  out = tmp_path_factory.mktemp("backbone")
-  return pipeline.train_backbone(str(out), preset("tiny"), tasks.EMBEDDED_TRAIN,
-                                 small_train(steps=10, checkpoint_every=10))
+  return tiny_backbone_dir
 
 
 def pretrain(model_dir, backbone_dir, config, adapter=None):
@@ -241,7 +239,7 @@ def test_misspelled_gin_binding_fails_before_any_work(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_and_restart_equals_uninterrupted_run(tmp_path):
-  args = lambda d: ["train", *BACKBONE_FLAGS, f"--model_dir={d}", "--gin.TRAIN_STEPS=120"]
+  args = lambda d: ["train", *BACKBONE_FLAGS, f"--model_dir={d}", "--gin.TRAIN_STEPS=60"]
   straight = cli(args(tmp_path / "straight"))
   assert straight.wait(timeout=600) == 0, straight.stdout.read()
   killed = cli(args(tmp_path / "killed"))
@@ -252,7 +250,7 @@ def test_sigkill_and_restart_equals_uninterrupted_run(tmp_path):
   killed.send_signal(signal.SIGKILL)
   killed.wait()
   steps = [json.loads(line)["step"] for line in open(tmp_path / "killed" / "run" / "metrics.jsonl")]
-  assert max(steps) < 120, "the run finished before it was killed"
+  assert max(steps) < 60, "the run finished before it was killed"
   resumed = cli(args(tmp_path / "killed"))
   output = resumed.communicate(timeout=600)[0]
   assert resumed.returncode == 0, output
