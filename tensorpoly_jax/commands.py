@@ -76,18 +76,20 @@ def _task_list(names) -> list[str]:
 
 def adapt(model_dir: str, backbone_dir: str, adapter_dir: str, heldout, train_config: TrainConfig,
           shots: int = 16, seeds=(0, 1, 32, 42, 1024), options: RunOptions | None = None,
-          length_normalize: bool = True, eval_batch_size: int = 32) -> dict:
-  """Few-shot adaptation of every held-out task for every seed, then its evaluation split; the
+          length_normalize: bool = True, eval_batch_size: int = 32,
+          eval_split: str = "validation") -> dict:
+  """Few-shot adaptation of every held-out task for every seed, then its ``eval_split``; the
   backbone is loaded onto the mesh once and shared by every task x seed.
 
   Writes ``model_dir/adapt_results.json``: accuracy per task and seed, and seed summaries."""
   backbone = pipeline.load_backbone(backbone_dir, options or RunOptions(),
                                     train_config.make_mesh())
   results = pipeline.adapt_heldout(model_dir, backbone, adapter_dir, _task_list(heldout), shots,
-                                   seeds, train_config, eval_batch_size, length_normalize)
+                                   seeds, train_config, eval_batch_size, length_normalize,
+                                   eval_split)
   summary = {task: evaluation.summarize(list(by_seed.values()))
              for task, by_seed in results.accuracy.items()}
-  payload = {"accuracy": results.accuracy, "summary": summary,
+  payload = {"split": eval_split, "accuracy": results.accuracy, "summary": summary,
              "mean_of_medians": float(np.mean([s["median"] for s in summary.values()])),
              "adaptation_params": results.adaptation_params}
   _write_json(os.path.join(model_dir, "adapt_results.json"), payload)
@@ -96,11 +98,13 @@ def adapt(model_dir: str, backbone_dir: str, adapter_dir: str, heldout, train_co
 
 def pipeline_run(model_dir: str, backbone_dir: str, adapter: AdapterConfig, mixture: str,
                  heldout, pretrain_config: TrainConfig, adapt_config: TrainConfig,
-                 shots: int = 16, seeds=(0, 1, 32), options: RunOptions | None = None) -> dict:
+                 shots: int = 16, seeds=(0, 1, 32), options: RunOptions | None = None,
+                 eval_split: str = "validation") -> dict:
   """Adapter pretraining, then few-shot adaptation and evaluation of the held-out tasks (one
-  sweep point)."""
+  sweep point: it chooses settings, so it evaluates on the validation split unless told)."""
   adapter_dir = train(model_dir, mixture, pretrain_config, adapter, backbone_dir, options=options)
-  return adapt(model_dir, backbone_dir, adapter_dir, heldout, adapt_config, shots, seeds, options)
+  return adapt(model_dir, backbone_dir, adapter_dir, heldout, adapt_config, shots, seeds, options,
+               eval_split=eval_split)
 
 
 def evaluate(model_dir: str, backbone_dir: str, heldout, adapter_dir: str | None = None,

@@ -48,10 +48,11 @@ class DemoConfig:
   methods: tuple[str, ...] = tuple(METHODS)
   inputs_length: int = 48
   targets_length: int = 24
+  eval_split: str = "test"  # the report's split; settings are never chosen on it
 
   @classmethod
   def quick(cls) -> "DemoConfig":
-    return cls(sizes=embedded.Sizes(40, 4, 24, 16), backbone_steps=40, pretrain_steps=10,
+    return cls(sizes=embedded.Sizes(40, 4, 24, 16, 16), backbone_steps=40, pretrain_steps=10,
                adapt_steps=4, batch_size=8, adapt_batch_size=8, shots=8, seeds=(0, 1),
                methods=("lora", "tensorpoly_i"))
 
@@ -78,13 +79,14 @@ def run(model_dir: str, config: DemoConfig = DemoConfig()) -> dict:
   backbone_dir = pipeline.train_backbone(os.path.join(model_dir, "backbone"), preset("tiny"),
                                          tasks.EMBEDDED_TRAIN, config.train_config("backbone"))
   backbone = pipeline.load_backbone(backbone_dir)  # once, for every method, task and seed
-  results = {"zero_shot_backbone": _zero_shot(backbone, heldout, length)}
+  results = {"zero_shot_backbone": _zero_shot(backbone, heldout, config.eval_split, length)}
   for method in config.methods:
     method_dir = os.path.join(model_dir, method)
     _, adapter_dir = pipeline.pretrain_adapters(method_dir, backbone, METHODS[method],
                                                 tasks.EMBEDDED_TRAIN, config.train_config("pretrain"))
     adapted = pipeline.adapt_heldout(method_dir, backbone, adapter_dir, heldout, config.shots,
-                                     config.seeds, config.train_config("adapt"))
+                                     config.seeds, config.train_config("adapt"),
+                                     eval_split=config.eval_split)
     results[method] = dataclasses.asdict(adapted)
   evaluation = {"config": dataclasses.asdict(config), "results": results,
                 "seconds": round(time.time() - started, 1)}
@@ -93,11 +95,11 @@ def run(model_dir: str, config: DemoConfig = DemoConfig()) -> dict:
   return write_report(model_dir, os.path.join(model_dir, EVALUATION_FILE))
 
 
-def _zero_shot(backbone: pipeline.Backbone, heldout, length):
+def _zero_shot(backbone: pipeline.Backbone, heldout, split: str, length):
   """The backbone alone, before any adaptation (a held-out task's name is new to it)."""
   from tensorpoly_jax.t5.model import EncoderDecoder
 
   model = EncoderDecoder(backbone.config)
   accuracy = {t: {"-": pipeline.evaluate_task(model, backbone.params, backbone.mesh, t, None,
-                                              **length)} for t in heldout}
+                                              split=split, **length)} for t in heldout}
   return {"accuracy": accuracy, "adaptation_params": 0}

@@ -167,9 +167,9 @@ class AdaptResults:
 
 def adapt_heldout(model_dir: str, backbone: Backbone, adapter_dir: str, heldout, shots: int,
                   seeds, train: trainer.TrainConfig, eval_batch_size: int = 32,
-                  length_normalize: bool = True) -> AdaptResults:
+                  length_normalize: bool = True, eval_split: str = "validation") -> AdaptResults:
   """Few-shot adaptation of every held-out task for every seed from one pretrained adapter, each
-  evaluated on its task's validation split; runs in ``model_dir/adapt/<task>_seed<seed>``."""
+  evaluated on its task's ``eval_split``; runs in ``model_dir/adapt/<task>_seed<seed>``."""
   accuracy: dict[str, dict[str, float]] = {}
   for task in heldout:
     for seed in seeds:
@@ -177,7 +177,7 @@ def adapt_heldout(model_dir: str, backbone: Backbone, adapter_dir: str, heldout,
       model, params, task_id = adapt(run_dir, backbone, adapter_dir, task, shots, seed, train)
       accuracy.setdefault(task, {})[str(seed)] = value = evaluate_task(
           model, params, backbone.mesh, task, task_id, train.inputs_length,
-          train.targets_length, batch_size=eval_batch_size, length_normalize=length_normalize)
+          train.targets_length, eval_split, eval_batch_size, length_normalize)
       metrics.write_eval(run_dir, value, train.steps)
   return AdaptResults(accuracy, count_params(split_params(params)[0]))
 

@@ -48,7 +48,14 @@ def test_pretrain_adapt_eval_commands(backbone, tmp_path):
   assert peft_config["peft_type"] == "LORA" and peft_config["r"] == 2
 
 
-def test_sweep_over_a_grid_of_macros(backbone, tmp_path):
+def test_sweep_over_a_grid_of_macros_never_reads_a_test_split(backbone, tmp_path, monkeypatch):
+  from tensorpoly_jax.data import choices, fewshot
+
+  splits = set()
+  for module, name in ((choices, "choice_arrays"), (fewshot, "task_rows")):
+    read = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda task, split, *a, read=read: (
+        splits.add(split), read(task, split, *a))[1])
   assert cli.main(["sweep", "--gin_file=adapters/lora.gin", DATA, "--gin_file=runs/sweep.gin",
                    f"--model_dir={tmp_path}", f"--gin.BACKBONE_DIR='{backbone}'",
                    "--gin.PRETRAIN_STEPS=2", "--gin.ADAPT_STEPS=1", "--gin.SEEDS=(0,)",
@@ -59,6 +66,7 @@ def test_sweep_over_a_grid_of_macros(backbone, tmp_path):
   assert rows[1]["adaptation_params"] == 2 * rows[0]["adaptation_params"]  # r (d_in + d_out)
   assert (tmp_path / "LORA_RANK=2" / "adapt_results.json").exists()
   assert (tmp_path / "sweep.png").exists()
+  assert splits == {"train", "validation"}  # choosing settings never sees the test split
 
 
 def test_gin_files_are_found_without_false_errors_and_a_missing_one_is_named(caplog):

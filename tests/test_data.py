@@ -267,6 +267,20 @@ def test_embedded_suite_shape_and_compositions():
   assert all(counts[t, k] for t in embedded.TRAIN_TASKS for k in range(len(embedded.TEMPLATES)))
 
 
+def test_heldout_tasks_have_a_test_split_that_leaves_the_others_unchanged():
+  without = embedded.generate(0, embedded.Sizes(10, 2, 12, 8, 0))
+  suite = embedded.generate(0, embedded.Sizes(10, 2, 12, 8, 9))
+  for task, splits in suite.items():
+    heldout = task in embedded.HELDOUT_TASKS
+    assert tuple(splits) == (embedded.HELDOUT_SPLITS if heldout else embedded.TRAIN_SPLITS)
+    assert all(splits[s] == without[task][s] for s in embedded.TRAIN_SPLITS)
+    if heldout:
+      assert len(splits["test"]) == 9 and without[task]["test"] == []
+      seen = {row["inputs"] for s in embedded.TRAIN_SPLITS for row in splits[s]}
+      # Five random digits: a test example may repeat an earlier one by chance, rarely.
+      assert sum(row["inputs"] in seen for row in splits["test"]) <= 1
+
+
 def test_embedded_answers_compute_the_skills():
   row = embedded.make_example("rowan", 0, np.random.default_rng(0))
   digits = np.array([int(d) for d in row["inputs"].split(":")[1].split("->")[0].split()])

@@ -268,6 +268,7 @@ def test_demo_quick_end_to_end(tmp_path):
   report = json.load(open(tmp_path / "report.json"))
   assert report == json.loads(json.dumps(reporting.table(evaluation)))
   quick = demo.DemoConfig.quick()
+  assert evaluation["config"]["eval_split"] == "test"
   assert set(report) == {"zero_shot_backbone", *quick.methods}
   for method in quick.methods:
     accuracies = evaluation["results"][method]["accuracy"]

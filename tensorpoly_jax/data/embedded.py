@@ -31,6 +31,10 @@ pine {min, last}.
 Held-out tasks (4), new compositions of skills that training tasks use:
 willow {first, min}, yew {second, last}, rowan {max, evens}, aspen {third, bigs}.
 
+Training tasks have ``train`` and ``validation`` splits. A held-out task has a ``train`` split,
+the pool its few shots are drawn from; a ``validation`` split, the only one that choosing settings
+(a sweep) reads; and a ``test`` split, the only one a report reads.
+
 Answers are scored by rank classification over 2 to 4 choices: the gold answer; the same fields
 with one value off (tests the skill); and the same values with one field swapped for another
 skill's (tests which skills the task composes). A held-out task's name is new, so a model must
@@ -60,7 +64,8 @@ TEMPLATES = (
 )
 # Choices per task (2 to 4), so that the evaluation mixes binary and 4-way questions.
 NUM_CHOICES = {name: 2 + i % 3 for i, name in enumerate(sorted({**TRAIN_TASKS, **HELDOUT_TASKS}))}
-SPLITS = ("train", "validation")
+TRAIN_SPLITS = ("train", "validation")
+HELDOUT_SPLITS = ("train", "validation", "test")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +76,7 @@ class Sizes:
   validation_per_template: int = 40
   heldout_train: int = 200
   heldout_validation: int = 200
+  heldout_test: int = 200
 
 
 def skill_value(skill: int, digits: np.ndarray) -> int:
@@ -126,9 +132,10 @@ def generate(seed: int = 0, sizes: Sizes = Sizes()) -> dict[str, dict[str, list[
     rng = np.random.default_rng([seed, index])
     heldout = task in HELDOUT_TASKS
     suite[task] = {}
-    for split in SPLITS:
+    # Held-out tasks draw their test split last: the other splits stay as they were without it.
+    for split in HELDOUT_SPLITS if heldout else TRAIN_SPLITS:
       if heldout:
-        count = sizes.heldout_train if split == "train" else sizes.heldout_validation
+        count = getattr(sizes, f"heldout_{split}")
         templates = rng.integers(0, len(TEMPLATES), count)
       else:
         per = sizes.train_per_template if split == "train" else sizes.validation_per_template

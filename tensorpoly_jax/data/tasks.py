@@ -168,11 +168,12 @@ def register_embedded(seed: int = 0, sizes: embedded.Sizes = embedded.Sizes()) -
   for name, (task, template) in names.items():
     rows_fn = lambda split, task=task, template=template: [
         r for r in suite()[task][split] if r["template"] == template]
-    add_task(name, examples_source(rows_fn, embedded.SPLITS, ids[name]), vocabulary)
+    add_task(name, examples_source(rows_fn, embedded.TRAIN_SPLITS, ids[name]), vocabulary)
   add_mixture(EMBEDDED_TRAIN, [(name, 1.0) for name in sorted(names)])
   for task in embedded.HELDOUT_TASKS:
     rows_fn = lambda split, task=task: suite()[task][split]
-    add_task(embedded_heldout_task(task), examples_source(rows_fn, embedded.SPLITS), vocabulary)
+    add_task(embedded_heldout_task(task), examples_source(rows_fn, embedded.HELDOUT_SPLITS),
+             vocabulary)
   add_mixture(EMBEDDED_HELDOUT, [(embedded_heldout_task(t), 1.0) for t in sorted(embedded.HELDOUT_TASKS)])
   return ids
 
