@@ -70,7 +70,8 @@ def _check_macro(name: str) -> None:
   try:
     gin.query_parameter(f"{name}/macro.value")
   except ValueError:
-    known = sorted(k[0] for k in gin.config._CONFIG if k[1] == "gin.macro")  # pylint: disable=protected-access
+    # gin's public config text lists every macro as a top-level `NAME = value` line.
+    known = sorted(set(re.findall(r"^([A-Za-z_]\w*) = ", gin.config_str(), re.MULTILINE)))
     close = difflib.get_close_matches(name, known, n=3)
     raise ValueError(f"--gin.{name}: no gin file defines the macro {name}"
                      f"{'; did you mean ' + ', '.join(close) + '?' if close else ''}"

@@ -229,8 +229,11 @@ def cli(args, **kwargs):
 def test_misspelled_gin_binding_fails_before_any_work(tmp_path):
   from tensorpoly_jax import cli as cli_module
 
-  with pytest.raises(ValueError, match="no gin file defines the macro TRAIN_STEPZ; did you mean TRAIN_STEPS"):
+  with pytest.raises(ValueError, match="no gin file defines the macro TRAIN_STEPZ; did you mean"
+                     " TRAIN_STEPS") as raised:
     cli_module.main(["train", *BACKBONE_FLAGS, f"--model_dir={tmp_path / 'a'}", "--gin.TRAIN_STEPZ=3"])
+  known = str(raised.value).split("Known macros: ")[1].rstrip(".").split(", ")
+  assert {"BATCH_SIZE", "DATA_SEED", "TRAIN_STEPS"} <= set(known) and "TrainConfig" not in known
   with pytest.raises(ValueError, match="doesn't have a parameter named 'stepz'"):
     cli_module.main(["train", *BACKBONE_FLAGS, f"--model_dir={tmp_path / 'b'}",
                      "--gin.TrainConfig.stepz=3"])
