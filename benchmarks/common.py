@@ -111,7 +111,7 @@ def torch_blocking(run: Callable[[], object]) -> Callable[[], None]:
   """``run`` made to wait for its GPU kernels, so that a timer around it times them."""
   import torch
 
-  if not torch.cuda.is_available():
+  if torch_device() == "cpu":
     return run
 
   def blocking():

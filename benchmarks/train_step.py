@@ -175,7 +175,7 @@ def worker(spec: str, size: dict, dtype: str, peft_seconds: dict) -> None:
 def spawn(spec: str, args, methods, peft_seconds: dict) -> list[dict]:
   """Runs ``spec`` in a fresh process; one result per configuration it measured."""
   command = [sys.executable, os.path.abspath(__file__), "--worker", spec, "--dtype", args.dtype,
-             "--preset", args.preset or "", "--batch", str(args.batch or 0),
+             "--preset", args.preset or "", *(["--batch", str(args.batch)] if args.batch else []),
              *(["--no-profile"] if args.no_profile else []), "--methods", ",".join(methods),
              "--peft-seconds", json.dumps(peft_seconds), *(["--quick"] if args.quick else [])]
   done = subprocess.run(command, capture_output=True, text=True, check=False)
