@@ -153,6 +153,17 @@ def machine() -> dict:
           "date": time.strftime("%Y-%m-%d")}
 
 
+def git_commit() -> str:
+  """The checkout's commit, with ``-dirty`` when tracked files differ from it (a result names the
+  code that made it)."""
+  import subprocess
+
+  here = os.path.dirname(os.path.abspath(__file__))
+  run = lambda *args: subprocess.run(["git", *args], cwd=here, capture_output=True, text=True,
+                                     check=True).stdout.strip()
+  return run("rev-parse", "HEAD") + ("-dirty" if run("status", "--porcelain", "-uno") else "")
+
+
 def argument_parser(doc: str) -> argparse.ArgumentParser:
   """The flags every benchmark takes: ``--quick`` (smoke size) and ``--output`` (its JSON path)."""
   parser = argparse.ArgumentParser(description=doc.splitlines()[0])

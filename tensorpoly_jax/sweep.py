@@ -28,12 +28,24 @@ def point_flags(point: dict[str, str]) -> list[str]:
 
 
 def run(model_dir: str, grid: list[dict[str, str]], run_point: Callable[[dict], dict]) -> list[dict]:
-  """Runs each point (``run_point`` returns its ``adapt`` results), then writes the summary."""
+  """Runs each point (``run_point`` returns its ``adapt`` results), then writes the summary.
+
+  A point whose training diverges is a result of the grid (its learning rate is too high), not a
+  failure of the sweep: its row says so and the other points still run."""
+  from tensorpoly_jax.trainer import TrainingDiverged
+
   rows = []
   for point in grid:
-    result = run_point(point)
+    try:
+      result = run_point(point)
+    except TrainingDiverged as err:
+      print(f"sweep point {point_name(point)} diverged: {err}")
+      rows.append({"point": point, "diverged": str(err), "mean_accuracy": None,
+                   "adaptation_params": None})
+      continue
     rows.append({"point": point, "mean_accuracy": result["mean_of_medians"],
-                 "adaptation_params": result["adaptation_params"]})
+                 "adaptation_params": result["adaptation_params"], "split": result["split"],
+                 "accuracy": result["accuracy"]})
   os.makedirs(model_dir, exist_ok=True)
   with open(os.path.join(model_dir, "sweep_results.json"), "w") as f:
     json.dump(rows, f, indent=2)
@@ -44,8 +56,12 @@ def run(model_dir: str, grid: list[dict[str, str]], run_point: Callable[[dict], 
 
 def format_rows(rows: list[dict]) -> str:
   lines = [f"{'point':<40}{'params':>12}{'accuracy':>10}"]
-  lines += [f"{point_name(r['point']):<40}{r['adaptation_params']:>12,}"
-            f"{100 * r['mean_accuracy']:>10.1f}" for r in rows]
+  for row in rows:
+    if row["mean_accuracy"] is None:
+      lines.append(f"{point_name(row['point']):<40}{'-':>12}{'diverged':>10}")
+    else:
+      lines.append(f"{point_name(row['point']):<40}{row['adaptation_params']:>12,}"
+                   f"{100 * row['mean_accuracy']:>10.1f}")
   return "\n".join(lines)
 
 
@@ -56,7 +72,7 @@ def plot(rows: list[dict], path: str) -> None:
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(6, 4))
-  for row in rows:
+  for row in (r for r in rows if r["mean_accuracy"] is not None):
     ax.scatter(row["adaptation_params"], 100 * row["mean_accuracy"])
     ax.annotate(point_name(row["point"]), (row["adaptation_params"], 100 * row["mean_accuracy"]),
                 fontsize=7)

@@ -18,12 +18,14 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
+from flax import struct, traverse_util
+from flax.core import unfreeze
 from jax.experimental import multihost_utils
 
 from tensorpoly_jax import checkpoints, losses, optimizers, partitioning, paths
 from tensorpoly_jax.metrics import MetricLogger
 from tensorpoly_jax.optimizers import OptimizerConfig, make_optimizer
+from tensorpoly_jax.param_roles import param_role
 from tensorpoly_jax.t5 import scoring
 from tensorpoly_jax.t5.model import EncoderDecoder, merge_params, split_params
 
@@ -110,10 +112,20 @@ def make_train_step(model: EncoderDecoder, optimizer, mode: str, tfew_weights=(1
     (_, metrics), grads = grad_fn(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
+    metrics = {**metrics, "grad_norm": optax.tree.norm(grads), **role_norms("grad_norm", grads),
+               **role_norms("update_norm", updates)}
     return TrainState(state.step + 1, params, opt_state, rng), metrics
 
   return step
+
+
+def role_norms(prefix: str, tree) -> dict:
+  """``{f"{prefix}/{role}": global norm}`` per param role: whether leaves, routers and LoRA
+  weights move at comparable speeds is the first question when one method trains worse."""
+  by_role: dict[str, list] = {}
+  for path, value in traverse_util.flatten_dict(unfreeze(tree)).items():
+    by_role.setdefault(param_role(path), []).append(value)
+  return {f"{prefix}/{role}": optax.tree.norm(values) for role, values in by_role.items()}
 
 
 @dataclasses.dataclass

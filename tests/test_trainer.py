@@ -91,8 +91,13 @@ def test_backbone_is_bit_identical_and_has_no_optimizer_state(backbone_dir, tmp_
     for event in tf.compat.v1.train.summary_iterator(str(path)):
       for value in event.summary.value:
         scalars.setdefault(value.tag, []).append(value.simple_value)
+  roles = ("leaf", "router")  # TensorPoly-I's trained param roles
   assert set(scalars) == {"train/loss", "train/grad_norm", "train/learning_rate",
-                          "train/steps_per_second"}
+                          "train/steps_per_second",
+                          *(f"train/{kind}/{role}" for kind in ("grad_norm", "update_norm")
+                            for role in roles)}
+  by_role = np.hypot(scalars["train/grad_norm/leaf"], scalars["train/grad_norm/router"])
+  np.testing.assert_allclose(by_role, scalars["train/grad_norm"], rtol=1e-5)
   rates = scalars["train/learning_rate"]
   assert len(rates) == 5 and rates[0] == pytest.approx(1e-2) and rates[-1] == 0.0
   config = convert.load_converted(backbone_dir)[0]

@@ -1,0 +1,282 @@
+"""The embedded suite's tuning protocol: every method gets the same budget of choices, made on
+validation, and is reported on test.
+
+1. backbone: the demo's tiny T5, trained on the embedded training tasks.
+2. select: per method, ``tensorpoly sweep`` (``runs/sweep.gin``: validation only) over the same
+   number of points: its trained weights' learning rate (``ADAPTER_LR`` for LoRA-named weights,
+   ``LEAF_LR`` for tensor leaves) x ``PRETRAIN_STEPS``. The chosen point has the best mean
+   validation accuracy (the mean over tasks of the median over few-shot seeds).
+3. report: the chosen point again with ``runs/report.gin`` (the test split) for every pretraining
+   seed, each adapted with every few-shot seed.
+4. ablation: TensorPoly-I and -II at their chosen point over R x N (validation): even N with the
+   reference's pair LayerNorm, N=3 with the plain product (the LayerNorm multiplies leaves in
+   pairs, so it needs an even N).
+Writes ``benchmarks/results/embedded_protocol.{json,png}`` and ``embedded_ablation.png``. Every
+stage resumes: finished sweeps are read back, unfinished runs continue from their checkpoints.
+
+  python benchmarks/embedded_protocol.py --work_dir runs/protocol [--jobs 2]
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  pylint: disable=wrong-import-position
+
+# The demo's adapter sizes (tests check that these flags build demo.METHODS).
+METHOD_FLAGS = {
+    "lora": {"LORA_RANK": "4"},
+    "tlora": {"LORA_RANK": "4", "TENSOR_RANK": "2", "ORDER": "2"},
+    "poly": {"LORA_RANK": "4", "N_SKILLS": "8"},
+    "mhr": {"LORA_RANK": "4", "N_SKILLS": "8", "N_SPLITS": "4"},
+    "tensorpoly_i": {"LORA_RANK": "4", "TENSOR_RANK": "8", "ORDER": "2"},
+    "tensorpoly_ii": {"LORA_RANK": "4", "TENSOR_RANK": "8", "ORDER": "2"},
+}
+RATE_MACRO = {"lora": "ADAPTER_LR", "poly": "ADAPTER_LR", "mhr": "ADAPTER_LR",
+              "tlora": "LEAF_LR", "tensorpoly_i": "LEAF_LR", "tensorpoly_ii": "LEAF_LR"}
+RATES = ("1e-2", "3e-2", "1e-1")
+PRETRAIN_STEPS = ("400", "1000")
+PRETRAIN_SEEDS = ("0", "1")
+ABLATION_RANKS = ("1", "2", "4", "8", "16")
+ABLATION = {"even": ("2,4", "'layernorm'"), "odd": ("3", "'none'")}  # ORDER values, PAIR_NORM
+DATA = ("--gin_file=runs/data_embedded.gin",)
+
+
+def grid_flags(method: str) -> list[str]:
+  """The method's selection grid, as ``tensorpoly sweep`` flags (the same size for every method)."""
+  return ["--sweep", f"{RATE_MACRO[method]}={','.join(RATES)}",
+          "--sweep", f"PRETRAIN_STEPS={','.join(PRETRAIN_STEPS)}"]
+
+
+def sweep_command(method: str, run_file: str, backbone_dir: str, model_dir: str,
+                  macros: dict[str, str], sweep_flags: list[str]) -> list[str]:
+  gin = {**METHOD_FLAGS[method], **macros, "BACKBONE_DIR": repr(backbone_dir)}
+  return [sys.executable, "-m", "tensorpoly_jax", "sweep", f"--gin_file=adapters/{method}.gin",
+          *DATA, f"--gin_file={run_file}", f"--model_dir={model_dir}",
+          *(f"--gin.{k}={v}" for k, v in gin.items()), *sweep_flags]
+
+
+def run_sweeps(commands: dict[str, list[str]], log_dir: str, jobs: int) -> dict[str, list[dict]]:
+  """Runs each sweep (``name -> command``) unless its results exist, ``jobs`` at a time; returns
+  each one's ``sweep_results.json`` rows."""
+  os.makedirs(log_dir, exist_ok=True)
+
+  def results_path(command):
+    model_dir = next(a for a in command if a.startswith("--model_dir=")).split("=", 1)[1]
+    return os.path.join(model_dir, "sweep_results.json")
+
+  def run(name):
+    command = commands[name]
+    if not os.path.exists(results_path(command)):
+      started = time.time()
+      with open(os.path.join(log_dir, f"{name}.log"), "w") as log:
+        log.write(" ".join(command) + "\n")
+        log.flush()
+        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
+      print(f"  {name}: {time.time() - started:.0f} s", flush=True)
+    with open(results_path(command)) as f:
+      return name, json.load(f)
+
+  with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+    return dict(pool.map(run, commands))
+
+
+def choose(rows: list[dict]) -> dict:
+  """The row with the best mean validation accuracy (the first in grid order on a tie); diverged
+  points are never chosen."""
+  finished = [r for r in rows if r["mean_accuracy"] is not None]
+  if not finished:
+    raise RuntimeError("every point of the grid diverged; lower the learning rates.")
+  if any(r["split"] != "validation" for r in finished):
+    raise RuntimeError("a selection sweep read a split other than validation.")
+  return max(finished, key=lambda r: r["mean_accuracy"])
+
+
+def summarize_report(rows: list[dict]) -> dict:
+  """Test accuracy of one method's chosen point: per pretraining seed, the mean over tasks of the
+  median over few-shot seeds, and the mean over tasks for each single few-shot seed (the spread)."""
+  by_pretrain_seed = {}
+  for row in rows:
+    accuracy = row["accuracy"]  # {task: {few-shot seed: accuracy}}
+    few_shot_seeds = sorted(next(iter(accuracy.values())))
+    by_pretrain_seed[row["point"]["PRETRAIN_SEED"]] = {
+        "mean_of_medians": statistics.fmean(statistics.median(s.values())
+                                            for s in accuracy.values()),
+        "few_shot_seed_means": {seed: statistics.fmean(s[seed] for s in accuracy.values())
+                                for seed in few_shot_seeds},
+        "accuracy": accuracy,
+    }
+  medians = [s["mean_of_medians"] for s in by_pretrain_seed.values()]
+  single_runs = [a for s in by_pretrain_seed.values() for a in s["few_shot_seed_means"].values()]
+  return {"mean_of_medians": statistics.fmean(medians), "pretrain_seed_range": [min(medians),
+                                                                               max(medians)],
+          "single_run_range": [min(single_runs), max(single_runs)],
+          "adaptation_params": rows[0]["adaptation_params"], "pretrain_seeds": by_pretrain_seed}
+
+
+def chosen_macros(row: dict) -> dict[str, str]:
+  return dict(row["point"])
+
+
+def train_backbone(work_dir: str) -> str:
+  from tensorpoly_jax import demo, pipeline
+  from tensorpoly_jax.data import tasks
+  from tensorpoly_jax.t5.model import preset
+
+  config = demo.DemoConfig()
+  tasks.register_embedded(config.data_seed, config.sizes)
+  return pipeline.train_backbone(os.path.join(work_dir, "backbone"), preset("tiny"),
+                                 tasks.EMBEDDED_TRAIN, config.train_config("backbone"))
+
+
+def zero_shot(backbone_dir: str, work_dir: str) -> dict:
+  from tensorpoly_jax import commands, demo
+
+  config = demo.DemoConfig()
+  accuracy = commands.evaluate(os.path.join(work_dir, "zero_shot"), backbone_dir,
+                               "embedded_heldout", split="test",
+                               inputs_length=config.inputs_length,
+                               targets_length=config.targets_length)
+  return {"accuracy": accuracy, "mean": statistics.fmean(accuracy.values())}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--work_dir", required=True, help="every run's folder (resumable)")
+  parser.add_argument("--jobs", type=int, default=2, help="sweeps run at once")
+  parser.add_argument("--methods", default=",".join(METHOD_FLAGS))
+  parser.add_argument("--no-ablation", action="store_true")
+  parser.add_argument("--output", default=os.path.join(common.RESULTS, "embedded_protocol"))
+  args = parser.parse_args()
+  methods = args.methods.split(",")
+  started = time.time()
+  work = os.path.abspath(args.work_dir)
+  logs = os.path.join(work, "logs")
+  print("backbone", flush=True)
+  backbone = train_backbone(work)
+  print("select (validation)", flush=True)
+  grids = run_sweeps({m: sweep_command(m, "runs/sweep.gin", backbone, f"{work}/select/{m}", {},
+                                       grid_flags(m)) for m in methods}, logs, args.jobs)
+  chosen = {m: choose(rows) for m, rows in grids.items()}
+  print("report (test)", flush=True)
+  reports = run_sweeps({f"report_{m}": sweep_command(
+      m, "runs/report.gin", backbone, f"{work}/report/{m}", chosen_macros(chosen[m]),
+      ["--sweep", f"PRETRAIN_SEED={','.join(PRETRAIN_SEEDS)}"]) for m in methods}, logs, args.jobs)
+  ablation = {}
+  if not args.no_ablation:
+    print("ablation (validation)", flush=True)
+    ablated = [m for m in ("tensorpoly_i", "tensorpoly_ii") if m in methods]
+    rows = run_sweeps({f"ablation_{m}_{parity}": sweep_command(
+        m, "runs/sweep.gin", backbone, f"{work}/ablation/{m}_{parity}",
+        {**chosen_macros(chosen[m]), "PAIR_NORM": pair_norm},
+        ["--sweep", f"ORDER={orders}", "--sweep", f"TENSOR_RANK={','.join(ABLATION_RANKS)}"])
+        for m in ablated for parity, (orders, pair_norm) in ABLATION.items()}, logs, args.jobs)
+    ablation = {m: [dict(r, pair_norm=ABLATION[p][1].strip("'")) for p in ABLATION
+                    for r in rows[f"ablation_{m}_{p}"]] for m in ablated}
+  results = {
+      "command": " ".join(["python", "benchmarks/embedded_protocol.py", *sys.argv[1:]]),
+      "commit": common.git_commit(),
+      "machine": common.machine(),
+      "protocol": {"grid": {m: grid_flags(m) for m in methods}, "method_flags": METHOD_FLAGS,
+                   "pretrain_seeds": PRETRAIN_SEEDS, "fixed": "configs/runs/sweep.gin",
+                   "selection": "best mean validation accuracy (mean over tasks of the median"
+                                " over few-shot seeds)"},
+      "zero_shot_test": zero_shot(backbone, work),
+      "methods": {m: {"grid": grids[m], "chosen": {"point": chosen[m]["point"],
+                                                    "validation_accuracy":
+                                                        chosen[m]["mean_accuracy"]},
+                      "test": summarize_report(reports[f"report_{m}"])} for m in methods},
+      "ablation": ablation,
+      "seconds": round(time.time() - started, 1),
+  }
+  with open(f"{args.output}.json", "w") as f:
+    json.dump(results, f, indent=2)
+  print(format_table(results))
+  plot_accuracy_vs_params(results, f"{args.output}.png")
+  if ablation:
+    plot_ablation(ablation, os.path.join(os.path.dirname(args.output), "embedded_ablation.png"))
+
+
+def format_table(results: dict) -> str:
+  lines = [f"{'method':<15}{'chosen point (validation)':<42}{'val':>6}{'params':>9}{'test':>7}"
+           f"{'pretrain seeds':>17}{'single runs':>15}",
+           f"{'zero-shot':<15}{'':<42}{'':>6}{0:>9}{100 * results['zero_shot_test']['mean']:>7.1f}"]
+  for method, result in results["methods"].items():
+    test = result["test"]
+    point = " ".join(f"{k}={v}" for k, v in result["chosen"]["point"].items())
+    low, high = test["pretrain_seed_range"]
+    run_low, run_high = test["single_run_range"]
+    lines.append(f"{method:<15}{point:<42}{100 * result['chosen']['validation_accuracy']:>6.1f}"
+                 f"{test['adaptation_params']:>9,}{100 * test['mean_of_medians']:>7.1f}"
+                 f"{f'{100 * low:.1f}-{100 * high:.1f}':>17}"
+                 f"{f'{100 * run_low:.1f}-{100 * run_high:.1f}':>15}")
+  return "\n".join(lines)
+
+
+def plot_accuracy_vs_params(results: dict, path: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  for method, result in results["methods"].items():
+    test = result["test"]
+    y = 100 * test["mean_of_medians"]
+    low, high = (100 * v for v in test["single_run_range"])
+    ax.errorbar(test["adaptation_params"], y, yerr=[[y - low], [high - y]], fmt="o", capsize=3,
+                label=method)
+  ax.axhline(100 * results["zero_shot_test"]["mean"], color="gray", ls="--", label="zero-shot")
+  ax.set_xscale("log")
+  ax.set_xlabel("trainable adaptation parameters (one held-out task)")
+  ax.set_ylabel("held-out test accuracy (%)")
+  ax.set_title("embedded suite: chosen point per method\n(bars: range over pretraining x few-shot"
+               " seeds)", fontsize=9)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_ablation(ablation: dict, path: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  ranks = [int(r) for r in ABLATION_RANKS]
+  orders = sorted({int(r["point"]["ORDER"]) for rows in ablation.values() for r in rows})
+  fig, axes = plt.subplots(len(ablation), 2, figsize=(9, 3.2 * len(ablation)), squeeze=False)
+  for row_axes, (method, rows) in zip(axes, ablation.items()):
+    cell = {(int(r["point"]["ORDER"]), int(r["point"]["TENSOR_RANK"])): r for r in rows}
+    for ax, key, title, fmt in ((row_axes[0], "mean_accuracy", "validation accuracy (%)", "{:.1f}"),
+                                (row_axes[1], "adaptation_params", "adaptation params", "{:,}")):
+      values = np.array([[np.nan if cell[(n, r)][key] is None else cell[(n, r)][key]
+                          for r in ranks] for n in orders], float)
+      shown = 100 * values if key == "mean_accuracy" else np.log10(values)
+      ax.imshow(shown, cmap="viridis", aspect="auto")
+      for i, n in enumerate(orders):
+        for j, r in enumerate(ranks):
+          value = values[i, j]
+          text = "diverged" if np.isnan(value) else fmt.format(
+              100 * value if key == "mean_accuracy" else int(value))
+          ax.text(j, i, text, ha="center", va="center", fontsize=7, color="w")
+      ax.set_xticks(range(len(ranks)), ranks)
+      ax.set_yticks(range(len(orders)), [f"N={n}" + (" (plain)" if n % 2 else "") for n in orders])
+      ax.set_xlabel("tensor rank R")
+      ax.set_title(f"{method}: {title}", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,55 @@
+"""The embedded tuning protocol's choices (benchmarks/embedded_protocol.py), without its runs."""
+import importlib.util
+import os
+
+import pytest
+
+from tensorpoly_jax import cli, demo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location(
+    "embedded_protocol", os.path.join(ROOT, "benchmarks", "embedded_protocol.py"))
+protocol = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(protocol)
+
+
+@pytest.mark.parametrize("method", list(demo.METHODS))
+def test_protocol_tunes_the_demos_adapters_with_one_grid_size(method):
+  import gin
+
+  cli.parse_gin([f"adapters/{method}.gin", "runs/data_embedded.gin", "runs/sweep.gin"],
+                [f"--gin.{k}={v}" for k, v in protocol.METHOD_FLAGS[method].items()]
+                + ["--gin.BACKBONE_DIR='unused'"], model_dir="unused")
+  assert gin.query_parameter("%ADAPTER").scoped_configurable_fn() == demo.METHODS[method]
+  grid = protocol.grid_flags(method)
+  assert len(grid) == len(protocol.grid_flags("lora"))  # the same number of points per method
+  gin.clear_config()
+
+
+def _row(point, accuracy, split="validation"):
+  return {"point": point, "mean_accuracy": accuracy, "split": split, "adaptation_params": 10,
+          "accuracy": {}}
+
+
+def test_choice_is_the_best_validation_point_and_never_a_diverged_one():
+  rows = [_row({"LR": "1"}, 0.5), {"point": {"LR": "2"}, "mean_accuracy": None, "diverged": "nan"},
+          _row({"LR": "3"}, 0.7), _row({"LR": "4"}, 0.7)]
+  assert protocol.choose(rows)["point"] == {"LR": "3"}  # a tie keeps grid order
+  with pytest.raises(RuntimeError, match="other than validation"):
+    protocol.choose([_row({"LR": "1"}, 0.5, split="test")])
+  with pytest.raises(RuntimeError, match="every point of the grid diverged"):
+    protocol.choose(rows[1:2])
+
+
+def test_report_summary_is_the_mean_over_tasks_of_few_shot_medians():
+  rows = [{"point": {"PRETRAIN_SEED": "0"}, "adaptation_params": 7,
+           "accuracy": {"a": {"0": 0.5, "1": 0.9, "2": 0.6}, "b": {"0": 1.0, "1": 0.8, "2": 0.7}}},
+          {"point": {"PRETRAIN_SEED": "1"}, "adaptation_params": 7,
+           "accuracy": {"a": {"0": 0.4, "1": 0.4, "2": 0.4}, "b": {"0": 0.6, "1": 0.6, "2": 0.6}}}]
+  summary = protocol.summarize_report(rows)
+  first = summary["pretrain_seeds"]["0"]
+  assert first["mean_of_medians"] == pytest.approx((0.6 + 0.8) / 2)
+  assert first["few_shot_seed_means"] == pytest.approx({"0": 0.75, "1": 0.85, "2": 0.65})
+  assert summary["mean_of_medians"] == pytest.approx((0.7 + 0.5) / 2)
+  assert summary["pretrain_seed_range"] == pytest.approx([0.5, 0.7])
+  assert summary["single_run_range"] == pytest.approx([0.5, 0.85])
