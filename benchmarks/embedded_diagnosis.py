@@ -1,0 +1,169 @@
+"""Why one method trains worse than another on the embedded suite: loss curves, per-role gradient
+and update norms, and the pair LayerNorm's regime (the pair products' variance against its eps)
+over adapter pretraining at the demo's settings.
+
+The variance is measured in a forward pass over one fixed training batch at each checkpoint, at
+the LayerNorm itself, so TensorPoly-II's routed leaves are measured as the model builds them. A
+ratio far below 1 means the LayerNorm is a fixed gain of ``1/sqrt(eps)`` rather than a
+normalization.
+
+  python benchmarks/embedded_diagnosis.py --backbone_dir runs/protocol/backbone/backbone \
+      --work_dir runs/diagnosis [--methods lora,tlora,...] [--leaf_lr 0.1]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  pylint: disable=wrong-import-position
+
+from tensorpoly_jax import checkpoints, demo, entangle, pipeline  # noqa: E402
+from tensorpoly_jax.data import batches, tasks  # noqa: E402
+from tensorpoly_jax.methods import AdapterConfig  # noqa: E402
+from tensorpoly_jax.metrics import METRICS_FILE  # noqa: E402
+from tensorpoly_jax.t5.model import EncoderDecoder, merge_params  # noqa: E402
+
+SNAPSHOTS = 10  # checkpoints per run at which the pair variance is measured
+TENSOR_METHODS = ("tlora", "tensorpoly_i", "tensorpoly_ii")
+
+
+def pretrain(work_dir: str, backbone, method: str, adapter, steps: int, leaf_lr: float | None):
+  config = demo.DemoConfig()
+  train = config.train_config("pretrain")
+  optimizer = train.optimizer if leaf_lr is None else dataclasses.replace(
+      train.optimizer, leaf_learning_rate=leaf_lr)
+  train = dataclasses.replace(train, steps=steps, checkpoint_every=max(1, steps // SNAPSHOTS),
+                              keep_checkpoints=SNAPSHOTS + 1, log_every=10, optimizer=optimizer)
+  _, export = pipeline.pretrain_adapters(os.path.join(work_dir, method), backbone, adapter,
+                                         tasks.EMBEDDED_TRAIN, train)
+  return train, AdapterConfig(**checkpoints.load_adapter(export)[1]["adapter"])
+
+
+def curves(run_dir: str) -> dict[str, list]:
+  with open(os.path.join(run_dir, METRICS_FILE)) as f:
+    records = [json.loads(line) for line in f]
+  keys = [k for k in records[-1] if k == "loss" or k.startswith(("grad_norm/", "update_norm/"))]
+  return {"step": [r["step"] for r in records], **{k: [r[k] for r in records] for k in keys}}
+
+
+def pair_variance_ratios(model, backbone, run_dir: str, batch) -> dict[str, list]:
+  """Per checkpoint: the median and the largest ratio ``var / eps`` over every pair LayerNorm
+  call (every layer, side, pair position, skill and example)."""
+  import orbax.checkpoint as ocp
+
+  ratios = []
+  original = entangle._layer_norm  # pylint: disable=protected-access
+
+  def recording(pair, scale, bias):
+    var = np.square(pair - pair.mean(axis=(-2, -1), keepdims=True)).mean(axis=(-2, -1))
+    ratios.append(np.asarray(var).ravel() / entangle.PAIR_NORM_EPSILON)
+    return original(pair, scale, bias)
+
+  mngr = checkpoints.manager(os.path.join(run_dir, "checkpoints"), SNAPSHOTS + 1)
+  steps, median, largest = [], [], []
+  entangle._layer_norm = recording  # pylint: disable=protected-access
+  try:
+    for step in mngr.all_steps():
+      state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+      params = merge_params(state["state"]["params"], backbone.params)
+      ratios.clear()
+      model.apply({"params": params}, batch["encoder_input_tokens"],
+                  batch["decoder_input_tokens"], batch["decoder_target_tokens"],
+                  task_ids=batch["task_ids"])
+      values = np.concatenate(ratios)
+      steps.append(step)
+      median.append(float(np.median(values)))
+      largest.append(float(values.max()))
+  finally:
+    entangle._layer_norm = original  # pylint: disable=protected-access
+    mngr.close()
+  return {"step": steps, "median_var_over_eps": median, "max_var_over_eps": largest}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--backbone_dir", required=True)
+  parser.add_argument("--work_dir", required=True)
+  parser.add_argument("--methods", default="lora,tlora,poly,tensorpoly_i,tensorpoly_ii")
+  parser.add_argument("--steps", type=int, default=demo.DemoConfig().pretrain_steps)
+  parser.add_argument("--leaf_lr", type=float, default=None,
+                      help="the tensor leaves' rate (default: the demo's)")
+  parser.add_argument("--output", default=os.path.join(common.RESULTS, "embedded_diagnosis"))
+  args = parser.parse_args()
+  started = time.time()
+  config = demo.DemoConfig()
+  tasks.register_embedded(config.data_seed, config.sizes)
+  backbone = pipeline.load_backbone(args.backbone_dir)
+  batch = next(batches.lm_batches(tasks.EMBEDDED_TRAIN, config.batch_size, config.inputs_length,
+                                  config.targets_length, seed=123))
+  results = {}
+  for method in args.methods.split(","):
+    adapter = demo.METHODS[method]
+    train, trained = pretrain(args.work_dir, backbone, method, adapter, args.steps, args.leaf_lr)
+    run_dir = os.path.join(args.work_dir, method, "run")
+    entry = {"adapter": dataclasses.asdict(adapter), "optimizer": dataclasses.asdict(
+        train.optimizer), "steps": train.steps, "curves": curves(run_dir)}
+    if adapter.method in TENSOR_METHODS and adapter.pair_norm == "layernorm":
+      model = EncoderDecoder(backbone.config.replace(adapter=trained))
+      entry["pair_norm"] = pair_variance_ratios(model, backbone, run_dir, batch)
+    results[method] = entry
+    print(summary_line(method, entry), flush=True)
+  payload = {"command": " ".join(["python", "benchmarks/embedded_diagnosis.py", *sys.argv[1:]]),
+             "commit": common.git_commit(), "machine": common.machine(),
+             "epsilon": entangle.PAIR_NORM_EPSILON, "methods": results,
+             "seconds": round(time.time() - started, 1)}
+  with open(f"{args.output}.json", "w") as f:
+    json.dump(payload, f, indent=2)
+  plot(results, f"{args.output}.png")
+
+
+def summary_line(method: str, entry: dict) -> str:
+  c = entry["curves"]
+  roles = sorted(k.split("/", 1)[1] for k in c if k.startswith("grad_norm/"))
+  norms = " ".join(f"{role}: grad {statistics.median(c[f'grad_norm/{role}']):.2e}"
+                   f" update {statistics.median(c[f'update_norm/{role}']):.2e}" for role in roles)
+  line = f"{method:<14} loss {c['loss'][0]:.3f} -> {c['loss'][-1]:.3f}  median {norms}"
+  if "pair_norm" in entry:
+    ratios = entry["pair_norm"]["median_var_over_eps"]
+    line += f"  pair var/eps {ratios[0]:.2e} -> {ratios[-1]:.2e}"
+  return line
+
+
+def plot(results: dict, path: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+  for method, entry in results.items():
+    c = entry["curves"]
+    axes[0].plot(c["step"], c["loss"], label=method)
+    for key in c:
+      if key.startswith("update_norm/") and not key.endswith("router"):
+        axes[1].plot(c["step"], c[key], label=f"{method} {key.split('/')[1]}")
+    if "pair_norm" in entry:
+      p = entry["pair_norm"]
+      axes[2].plot(p["step"], p["median_var_over_eps"], marker="o", label=method)
+  axes[0].set(title="pretraining loss", xlabel="step", yscale="log")
+  axes[1].set(title="update norm per step (adapter weights)", xlabel="step", yscale="log")
+  axes[2].axhline(1.0, color="gray", ls="--")
+  axes[2].set(title="pair product variance / LayerNorm eps (median)", xlabel="step",
+              yscale="log")
+  for ax in axes:
+    ax.legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+if __name__ == "__main__":
+  main()
