@@ -163,6 +163,7 @@ class _Entangled(nn.Module):
   leaf_init: Any
   pair_norm: str
   norm_positions: int  # 0: identity affine (frozen LayerNorm); 1: shared; N/2: one per pair.
+  norm_epsilon: float
 
   def setup(self):
     ent.check_positive(order=self.order, tensor_rank=self.tensor_rank, lora_rank=self.lora_rank)
@@ -183,7 +184,8 @@ class _Entangled(nn.Module):
   def __call__(self, mix=None):
     """``mix(leaves) -> [..., n, s', r, q]`` routes the leaves before the build (TensorPoly-II)."""
     leaves = self.leaves if mix is None else mix(self.leaves)
-    return ent.entangle(leaves, self.dim, self.pair_norm, self.norm_scale, self.norm_bias)
+    return ent.entangle(leaves, self.dim, self.pair_norm, self.norm_scale, self.norm_bias,
+                        self.norm_epsilon)
 
 
 class _Tensor(_Routed):
@@ -192,10 +194,12 @@ class _Tensor(_Routed):
   order: int = 2
   pair_norm: str = "layernorm"
   train_pair_norm: bool = False
+  pair_norm_epsilon: float = ent.PAIR_NORM_EPSILON
 
   def _side(self, name, dim, leaf_init, pair_positions):
     return _Entangled(dim, self.order, self.n_skills, self.lora_rank, leaf_init, self.pair_norm,
-                      pair_positions if self.train_pair_norm else 0, name=name)
+                      pair_positions if self.train_pair_norm else 0, self.pair_norm_epsilon,
+                      name=name)
 
 
 class TensorPolyI(_Tensor):

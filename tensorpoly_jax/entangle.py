@@ -54,11 +54,11 @@ def _outer(u: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
   return product.reshape(*product.shape[:-2], -1)
 
 
-def _layer_norm(pair: jnp.ndarray, scale, bias) -> jnp.ndarray:
+def _layer_norm(pair: jnp.ndarray, scale, bias, epsilon: float) -> jnp.ndarray:
   """LayerNorm over the last two axes ``[r, q*q]`` jointly, as the reference normalizes each skill."""
   mean = pair.mean(axis=(-2, -1), keepdims=True)
   var = jnp.square(pair - mean).mean(axis=(-2, -1), keepdims=True)
-  normed = (pair - mean) * jnp.reciprocal(jnp.sqrt(var + PAIR_NORM_EPSILON))
+  normed = (pair - mean) * jnp.reciprocal(jnp.sqrt(var + epsilon))
   if scale is not None:
     normed = normed * scale
   if bias is not None:
@@ -72,6 +72,7 @@ def entangle(
     pair_norm: str = "none",
     norm_scale: jnp.ndarray | None = None,
     norm_bias: jnp.ndarray | None = None,
+    epsilon: float = PAIR_NORM_EPSILON,
 ) -> jnp.ndarray:
   """Builds one ``dim``-vector per (rank, lora-rank) slot from its order factors.
 
@@ -83,6 +84,9 @@ def entangle(
       normalized pairs multiplied with no norm after the last product).
     norm_scale, norm_bias: ``[P, r, q*q]`` affine per pair position, ``P`` = N/2 or 1 (shared by
       every pair); ``None`` means the identity affine (a frozen LayerNorm at its init).
+    epsilon: the pair LayerNorm's eps, which sets its regime: pair products whose variance is far
+      below it (T0's widths at init) are scaled by a fixed gain ``1/sqrt(eps)``, so the adapter
+      starts small; near or above it they are normalized towards unit variance.
 
   Returns:
     ``[..., R, r, dim]``.
@@ -101,6 +105,7 @@ def entangle(
             _outer(factors[2 * p], factors[2 * p + 1]),
             _pair_affine(norm_scale, p),
             _pair_affine(norm_bias, p),
+            epsilon,
         )
         for p in range(num_pairs(order))
     ]

@@ -33,7 +33,8 @@ class AdapterConfig:
   ``n_splits`` is MHR's routing heads H; ``order`` is the tensor order N.
   ``train_pair_norm`` makes the pair LayerNorms' affines trainable; the reference's released
   configs (``*_lora_sota.json``) and the paper's parameter counts keep them frozen for every
-  method, which is the default.
+  method, which is the default. ``pair_norm_epsilon`` is the pair LayerNorm's eps (the reference's
+  1e-5 by default; ``entangle.entangle`` says why it matters at small widths).
   ``shared_router`` routes every layer with one router (the reference has one per layer).
   """
 
@@ -45,6 +46,7 @@ class AdapterConfig:
   order: int = 2
   pair_norm: str = "layernorm"
   train_pair_norm: bool = False
+  pair_norm_epsilon: float = ent.PAIR_NORM_EPSILON
   relaxed_bernoulli: bool = False
   shared_router: bool = False
   targets: str = DEFAULT_TARGETS
@@ -60,6 +62,8 @@ class AdapterConfig:
       raise ValueError(f"{self.method} has one routing head; n_splits={self.n_splits} is for mhr.")
     if self.method in TENSOR:
       ent.check_pair_norm(self.pair_norm, self.order)
+      if not self.pair_norm_epsilon > 0:
+        raise ValueError(f"pair_norm_epsilon must be > 0, got {self.pair_norm_epsilon}.")
     try:
       re.compile(self.targets)
     except re.error as err:
@@ -88,7 +92,8 @@ class AdapterConfig:
       kwargs.update(n_splits=self.n_splits)
     if self.method in TENSOR:
       kwargs.update(order=self.order, pair_norm=self.pair_norm,
-                    train_pair_norm=self.train_pair_norm)
+                    train_pair_norm=self.train_pair_norm,
+                    pair_norm_epsilon=self.pair_norm_epsilon)
     return METHODS[self.method](**kwargs)
 
   def dense_delta(self, inputs, contracted_axes: tuple[int, ...], outputs_shape: tuple[int, ...],

@@ -13,16 +13,16 @@ def leaf_size(dim, order):
   return q
 
 
-def layer_norm_2d(matrix, scale=None, bias=None):
+def layer_norm_2d(matrix, scale=None, bias=None, eps=EPS):
   mean = matrix.mean()
   var = ((matrix - mean) ** 2).mean()
-  out = (matrix - mean) / math.sqrt(var + EPS)
+  out = (matrix - mean) / math.sqrt(var + eps)
   if scale is not None:
     out = out * scale + bias
   return out
 
 
-def build_vectors(leaves, dim, pair_norm="none", scales=None, biases=None):
+def build_vectors(leaves, dim, pair_norm="none", scales=None, biases=None, eps=EPS):
   """leaves [N, R, r, q] -> [R, r, dim] by explicit kron loops (pairs LayerNorm-ed per skill)."""
   order, rank, lora_rank, _ = leaves.shape
   out = np.zeros((rank, lora_rank, dim))
@@ -34,7 +34,7 @@ def build_vectors(leaves, dim, pair_norm="none", scales=None, biases=None):
                          for j in range(lora_rank)])
         k = p % len(scales) if scales is not None else None
         pairs.append(layer_norm_2d(pair, None if k is None else scales[k],
-                                   None if k is None else biases[k]))
+                                   None if k is None else biases[k], eps))
       for j in range(lora_rank):
         vec = pairs[0][j]
         for pair in pairs[1:]:

@@ -93,15 +93,16 @@ def reference_tensor_output(config, params, x, task_ids):
   p = np_params(params)
   adapter, kernel = p["adapter"], p["kernel"]
   x = np.asarray(x, np.float64)
+  eps = config.pair_norm_epsilon
   outputs = []
   for b, task in enumerate(np.asarray(task_ids)):
     if config.method == "tlora":
-      a = ref.build_vectors(adapter["a"]["leaves"], D_IN, config.pair_norm).mean(0).T
-      bb = ref.build_vectors(adapter["b"]["leaves"], D_OUT, config.pair_norm).mean(0)
+      a = ref.build_vectors(adapter["a"]["leaves"], D_IN, config.pair_norm, eps=eps).mean(0).T
+      bb = ref.build_vectors(adapter["b"]["leaves"], D_OUT, config.pair_norm, eps=eps).mean(0)
     elif config.method == "tensorpoly_i":
       w = ref.routing_weights(adapter["router"]["skill_logits"], [task])[0, 0]
-      a_vec = ref.build_vectors(adapter["a"]["leaves"], D_IN, config.pair_norm)
-      b_vec = ref.build_vectors(adapter["b"]["leaves"], D_OUT, config.pair_norm)
+      a_vec = ref.build_vectors(adapter["a"]["leaves"], D_IN, config.pair_norm, eps=eps)
+      b_vec = ref.build_vectors(adapter["b"]["leaves"], D_OUT, config.pair_norm, eps=eps)
       a = sum(w[s] * a_vec[s] for s in range(len(w))).T
       bb = sum(w[s] * b_vec[s] for s in range(len(w)))
     else:
@@ -113,7 +114,7 @@ def reference_tensor_output(config, params, x, task_ids):
                       for n in range(leaves.shape[0])])
         norm = adapter[side] if config.pair_norm == "layernorm" else {}
         return ref.build_vectors(g[:, None], dim, config.pair_norm,
-                                 norm.get("norm_scale"), norm.get("norm_bias"))[0]
+                                 norm.get("norm_scale"), norm.get("norm_bias"), eps)[0]
 
       a, bb = routed("a", D_IN).T, routed("b", D_OUT)
     outputs.append(x[b] @ kernel + ref.adapter_delta(x[b], a, bb))
@@ -121,11 +122,12 @@ def reference_tensor_output(config, params, x, task_ids):
 
 
 @pytest.mark.parametrize("method", ["tlora", "tensorpoly_i", "tensorpoly_ii"])
-@pytest.mark.parametrize("order,pair_norm", [(1, "none"), (2, "layernorm"), (3, "none"),
-                                             (4, "layernorm"), (2, "none")])
-def test_tensor_adapters_match_numpy_loops(method, order, pair_norm):
+@pytest.mark.parametrize("order,pair_norm,epsilon", [
+    (1, "none", 1e-5), (2, "layernorm", 1e-5), (3, "none", 1e-5), (4, "layernorm", 1e-5),
+    (2, "none", 1e-5), (2, "layernorm", 0.1)])
+def test_tensor_adapters_match_numpy_loops(method, order, pair_norm, epsilon):
   config = AdapterConfig(method, lora_rank=2, n_tasks=TASKS, n_skills=3, order=order,
-                         pair_norm=pair_norm, targets=".*")
+                         pair_norm=pair_norm, pair_norm_epsilon=epsilon, targets=".*")
   layer, params, x, task_ids = init_layer(config, batch=4)
   np.testing.assert_allclose(layer.apply({"params": params}, x, task_ids),
                              reference_tensor_output(config, params, x, task_ids),
@@ -240,6 +242,7 @@ def test_pair_norm_affines_train_only_when_asked():
     (dict(method="tensorpoly_ii", order=3), "even order N, got N=3"),
     (dict(method="tpoly"), "adapter method 'tpoly' is unknown"),
     (dict(method="mhr", n_splits=1), "mhr needs n_splits >= 2"),
+    (dict(method="tlora", pair_norm_epsilon=0.0), "pair_norm_epsilon must be > 0, got 0.0"),
 ])
 def test_bad_config_names_value_and_range(kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -57,6 +57,14 @@ def test_batched_leaves_build_per_example():
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("epsilon", [1e-5, 1e-2])
+def test_pair_layernorm_epsilon_matches_kron_loops(epsilon):
+  leaves = 0.1 * np.random.default_rng(4).normal(size=(4, 2, 2, 3)).astype(np.float32)
+  built = ent.entangle(leaves, 70, "layernorm", epsilon=epsilon)
+  np.testing.assert_allclose(built, ref.build_vectors(leaves, 70, "layernorm", eps=epsilon),
+                             rtol=1e-4, atol=1e-6)
+
+
 def test_tiny_pairs_stay_tiny_under_pytorch_epsilon():
   # Init-scale leaves: pair products (~1e-4) have variance far below eps, so the pair is scaled
   # by ~1/sqrt(eps) rather than to unit variance, and the starting update stays small.
