@@ -88,7 +88,9 @@ def train_backbone(model_dir: str, config: T5Config, mixture: str, train: traine
                          os.path.join(model_dir, "run"), run_meta("backbone", config, {}),
                          abstract_variables(model), description="backbone")
   output = os.path.join(model_dir, "backbone")
-  convert.save_converted(output, config, result.params)
+  finished_earlier = result.resumed_from == train.steps
+  if not (finished_earlier and convert.has_converted(output)):  # a rerun keeps what it wrote
+    convert.save_converted(output, config, result.params)
   return output
 
 

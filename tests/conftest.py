@@ -28,17 +28,24 @@ def pytest_unconfigure(config):
 
 
 @pytest.fixture(scope="session")
-def tiny_backbone_dir(tmp_path_factory):
+def tiny_backbone_train():
+  """How ``tiny_backbone_dir`` was trained: 10 steps of AdamW."""
+  from tensorpoly_jax import trainer
+  from tensorpoly_jax.optimizers import OptimizerConfig
+
+  return trainer.TrainConfig(steps=10, batch_size=8, inputs_length=48, targets_length=24,
+                             checkpoint_every=10, log_every=1,
+                             optimizer=OptimizerConfig(name="adamw", learning_rate=1e-2))
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_dir(tmp_path_factory, tiny_backbone_train):
   """A tiny T5 trained 10 steps on the small embedded suite the pipeline tests register
   (``embedded.Sizes(20, 2, 24, 12)``): the backbone they adapt, built once per xdist worker."""
-  from tensorpoly_jax import pipeline, trainer
+  from tensorpoly_jax import pipeline
   from tensorpoly_jax.data import embedded, tasks
-  from tensorpoly_jax.optimizers import OptimizerConfig
   from tensorpoly_jax.t5.model import preset
 
   tasks.register_embedded(0, embedded.Sizes(20, 2, 24, 12))
-  config = trainer.TrainConfig(steps=10, batch_size=8, inputs_length=48, targets_length=24,
-                               checkpoint_every=10, log_every=1,
-                               optimizer=OptimizerConfig(name="adamw", learning_rate=1e-2))
   return pipeline.train_backbone(str(tmp_path_factory.mktemp("backbone")), preset("tiny"),
-                                 tasks.EMBEDDED_TRAIN, config)
+                                 tasks.EMBEDDED_TRAIN, tiny_backbone_train)

@@ -19,7 +19,7 @@ from tensorpoly_jax.data import batches, embedded, tasks
 from tensorpoly_jax.methods import AdapterConfig
 from tensorpoly_jax.optimizers import OptimizerConfig
 from tensorpoly_jax.t5 import convert
-from tensorpoly_jax.t5.model import EncoderDecoder, split_params
+from tensorpoly_jax.t5.model import EncoderDecoder, preset, split_params
 
 SIZES = embedded.Sizes(20, 2, 24, 12)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,6 +67,15 @@ def test_mesh_4x2_matches_one_device(backbone_dir, tmp_path):
   moments = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(many.state.opt_state)[0]
              if tuple(str(getattr(k, "key", "")) for k in path)[-len(key):] == key]
   assert len(moments) == 2 and all(m.sharding.spec == param.sharding.spec for m in moments)
+
+
+def test_a_finished_backbone_run_resumes_without_rewriting_it(backbone_dir, tiny_backbone_train):
+  """Running the backbone stage again (a rerun of the demo) reads back what the first run wrote."""
+  written = os.path.join(backbone_dir, convert.CONVERTED_PARAMS)
+  before = os.stat(written).st_mtime_ns
+  again = pipeline.train_backbone(os.path.dirname(backbone_dir), preset("tiny"),
+                                  tasks.EMBEDDED_TRAIN, tiny_backbone_train)
+  assert again == backbone_dir and os.stat(written).st_mtime_ns == before
 
 
 def test_backbone_is_bit_identical_and_has_no_optimizer_state(backbone_dir, tmp_path):
@@ -284,3 +293,11 @@ def test_demo_quick_end_to_end(tmp_path):
     assert all(len(seeds) == len(quick.seeds) for seeds in accuracies.values())
     assert all(0.0 <= a <= 1.0 for seeds in accuracies.values() for a in seeds.values())
   assert (tmp_path / "report.png").stat().st_size > 1000
+  # Determinism: the same command in a fresh process prints the same accuracies, so a change in
+  # the demo's table is a change in the code.
+  again = tmp_path / "again"
+  done = subprocess.run([sys.executable, "-m", "tensorpoly_jax", "demo", "--quick",
+                         f"--model_dir={again}"], capture_output=True, text=True, timeout=900)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert json.load(open(again / demo.EVALUATION_FILE))["results"] == evaluation["results"]
+  assert reporting.format_table(reporting.table(evaluation)) in done.stdout

@@ -245,6 +245,15 @@ def save_converted(output_dir: str, config: T5Config, params) -> None:
   checkpointer.wait_until_finished()
 
 
+def has_converted(output_dir: str) -> bool:
+  """Whether ``save_converted`` finished writing ``output_dir`` (orbax renames the params folder
+  into place only once every shard is written)."""
+  from tensorpoly_jax import paths
+
+  directory = paths.resolve(output_dir)
+  return (directory / CONVERTED_CONFIG).exists() and (directory / CONVERTED_PARAMS).exists()
+
+
 def converted_config(output_dir: str) -> T5Config:
   """The T5Config of a ``save_converted`` folder (its params are not read)."""
   from tensorpoly_jax import paths
