@@ -22,6 +22,7 @@ import common  # noqa: E402  pylint: disable=wrong-import-position
 from tensorpoly_jax.methods import AdapterConfig  # noqa: E402
 from tensorpoly_jax.t5 import scoring  # noqa: E402
 from tensorpoly_jax.t5.model import EncoderDecoder, preset  # noqa: E402
+from tensorpoly_jax.t5.seq2seq import Seq2SeqModel  # noqa: E402
 
 SIZES = {
     "default": dict(preset="t5_1_1_small", examples=32, choices=4, inputs=256, targets=8,
@@ -32,7 +33,7 @@ SIZES = {
 
 @functools.partial(jax.jit, static_argnums=0)
 def evaluator_scores(model, params, encoder_tokens, choice_tokens, task_ids):
-  return scoring.score_choices(model, {"params": params}, encoder_tokens, choice_tokens, task_ids)
+  return Seq2SeqModel(model).score_choices(params, encoder_tokens, choice_tokens, task_ids)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -5,30 +5,20 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tensorpoly_jax import partitioning
-from tensorpoly_jax.t5 import scoring
 from tensorpoly_jax.t5.model import EncoderDecoder
-
-
-def score_fn(model: EncoderDecoder, length_normalize: bool):
-  """``(params, encoder_tokens [b, l], choice_tokens [b, c, t], task_ids [b] | None) -> [b, c]``;
-  absent (all-padding) choices score -inf so they never win."""
-  def scores(params, encoder_tokens, choice_tokens, task_ids):
-    values = scoring.score_choices(model, {"params": params}, encoder_tokens, choice_tokens,
-                                   task_ids, length_normalize)
-    return jnp.where((choice_tokens > 0).any(-1), values, -jnp.inf)
-
-  return scores
+from tensorpoly_jax.t5.seq2seq import Seq2SeqModel
 
 
 @functools.lru_cache(maxsize=16)
 def jitted_scorer(model: EncoderDecoder, length_normalize: bool, mesh):
-  """``score_fn`` jitted for ``mesh``: params keep the shardings they were placed with; the
-  scores come back replicated."""
-  return jax.jit(score_fn(model, length_normalize), out_shardings=partitioning.replicated(mesh))
+  """``(params, encoder_tokens, choice_tokens, task_ids) -> [b, c]`` scores
+  (``Seq2SeqModel.score_choices``) jitted for ``mesh``: params keep the shardings they were
+  placed with; the scores come back replicated."""
+  score = functools.partial(Seq2SeqModel(model).score_choices, length_normalize=length_normalize)
+  return jax.jit(score, out_shardings=partitioning.replicated(mesh))
 
 
 def predict(model: EncoderDecoder, params, mesh, arrays: dict, task_id: int | None,

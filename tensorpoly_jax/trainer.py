@@ -26,8 +26,8 @@ from tensorpoly_jax import checkpoints, losses, optimizers, partitioning, paths
 from tensorpoly_jax.metrics import MetricLogger
 from tensorpoly_jax.optimizers import OptimizerConfig, make_optimizer
 from tensorpoly_jax.param_roles import param_role
-from tensorpoly_jax.t5 import scoring
 from tensorpoly_jax.t5.model import EncoderDecoder, merge_params, split_params
+from tensorpoly_jax.t5.seq2seq import Seq2SeqModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,36 +73,8 @@ class TrainingDiverged(RuntimeError):
   """The loss stopped being finite; the last good checkpoint is kept."""
 
 
-def _loss_fn(model: EncoderDecoder, mode: str, tfew_weights):
-  def lm(params, batch, rngs):
-    logits = model.apply({"params": params}, batch["encoder_input_tokens"],
-                         batch["decoder_input_tokens"], batch["decoder_target_tokens"],
-                         enable_dropout=True, task_ids=batch.get("task_ids"), rngs=rngs)
-    loss = losses.lm_loss(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"])
-    return loss, {"loss": loss}
-
-  def tfew(params, batch, rngs):
-    choices = batch["choice_tokens"]
-    b, c, _ = choices.shape
-    task_ids = batch.get("task_ids")
-    encoded = model.apply({"params": params}, batch["encoder_input_tokens"], enable_dropout=True,
-                          task_ids=task_ids, rngs=rngs, method=EncoderDecoder.encode)
-    repeat = lambda x: None if x is None else jnp.repeat(x, c, axis=0)
-    flat = choices.reshape(b * c, -1)
-    logits = model.apply({"params": params}, repeat(encoded),
-                         repeat(batch["encoder_input_tokens"]), scoring.shift_right(flat), flat,
-                         enable_dropout=True, task_ids=repeat(task_ids), rngs=rngs,
-                         method=EncoderDecoder.decode)
-    token_ll = scoring.token_log_likelihoods(logits, flat).reshape(choices.shape)
-    parts = losses.tfew_losses(token_ll, choices, batch["label"])
-    loss = sum(w * parts[k] for w, k in zip(tfew_weights, ("lm", "unlikelihood", "mc")))
-    return loss, {"loss": loss, **parts}
-
-  return {"lm": lm, "tfew": tfew}[mode]
-
-
 def make_train_step(model: EncoderDecoder, optimizer, mode: str, tfew_weights=(1.0, 1.0, 1.0)):
-  loss_fn = _loss_fn(model, mode, tfew_weights)
+  loss_fn = Seq2SeqModel(model).loss_fn(mode, tfew_weights)
 
   def step(state: TrainState, frozen, batch):
     rng, dropout_rng, routing_rng = jax.random.split(state.rng, 3)

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from tensorpoly_jax.methods import AdapterConfig
 from tensorpoly_jax.t5 import convert, scoring
+from tensorpoly_jax.t5.seq2seq import Seq2SeqModel
 from tensorpoly_jax.t5.model import (PRESETS, EncoderDecoder, is_adapter_path, merge_params,
                                      preset, split_params)
 
@@ -168,7 +169,7 @@ def test_reused_encoder_scoring_equals_pairwise(tmp_path):
   choices[:, 1, 3:] = 0  # choices of different lengths
   task_ids = jnp.array([2, 0, 1])
   for normalize in (True, False):
-    reused = scoring.score_choices(model, variables, inputs, choices, task_ids, normalize)
+    reused = Seq2SeqModel(model).score_choices(params, inputs, choices, task_ids, normalize)
     for c in range(4):
       pairwise = scoring.score_pairs(model, variables, inputs, choices[:, c], task_ids, normalize)
       np.testing.assert_allclose(reused[:, c], pairwise, rtol=1e-5, atol=1e-5)

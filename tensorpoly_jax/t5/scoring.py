@@ -1,4 +1,5 @@
-"""Target log-likelihoods under the encoder-decoder, with the encoder run once per example."""
+"""Target log-likelihoods under the encoder-decoder (``Seq2SeqModel.score_choices`` scores
+answer choices with the encoder run once per example; ``score_pairs`` is the plain pass)."""
 from __future__ import annotations
 
 import jax
@@ -25,25 +26,6 @@ def sequence_scores(token_ll: jnp.ndarray, targets: jnp.ndarray, length_normaliz
   if not length_normalize:
     return total
   return total / jnp.maximum((targets > 0).sum(-1), 1)
-
-
-def score_choices(model: EncoderDecoder, variables, encoder_tokens: jnp.ndarray,
-                  choice_tokens: jnp.ndarray, task_ids: jnp.ndarray | None = None,
-                  length_normalize: bool = True) -> jnp.ndarray:
-  """Scores ``[b, c]`` of each example's ``c`` candidate targets ``choice_tokens: [b, c, t]``.
-
-  The encoder runs once per example (``[b, l]``); its output is repeated for the choices.
-  """
-  batch, choices, _ = choice_tokens.shape
-  encoded = model.apply(variables, encoder_tokens, enable_dropout=False, task_ids=task_ids,
-                        method=EncoderDecoder.encode)
-  flat_targets = choice_tokens.reshape(batch * choices, -1)
-  repeat = lambda x: None if x is None else jnp.repeat(x, choices, axis=0)
-  logits = model.apply(variables, repeat(encoded), repeat(encoder_tokens), shift_right(flat_targets),
-                       flat_targets, enable_dropout=False, task_ids=repeat(task_ids),
-                       method=EncoderDecoder.decode)
-  token_ll = token_log_likelihoods(logits, flat_targets)
-  return sequence_scores(token_ll, flat_targets, length_normalize).reshape(batch, choices)
 
 
 def score_pairs(model: EncoderDecoder, variables, encoder_tokens, target_tokens, task_ids=None,
