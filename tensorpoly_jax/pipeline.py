@@ -141,8 +141,7 @@ def adapt(model_dir: str, backbone: Backbone, adapter_dir: str, task_name: str, 
   model = EncoderDecoder(config)
   adapter_params = layout.to_layout(add_router_row(adapter_params, seed), config.scan_layers)
   params = merge_params(adapter_params, backbone.params)
-  shots = fewshot.register_fewshot(task_name, k, seed)
-  arrays = choices.choice_arrays(shots, "train", train.inputs_length, train.targets_length)
+  arrays = fewshot.fewshot_arrays(task_name, k, seed, train.inputs_length, train.targets_length)
   if train.loss != "tfew":
     raise ValueError(f"few-shot adaptation trains on answer-choice batches with T-Few's losses:"
                      f" TrainConfig.loss must be 'tfew' (runs/adapt.gin sets it), got {train.loss!r}.")

@@ -49,13 +49,12 @@ def test_pretrain_adapt_eval_commands(backbone, tmp_path):
 
 
 def test_sweep_over_a_grid_of_macros_never_reads_a_test_split(backbone, tmp_path, monkeypatch):
-  from tensorpoly_jax.data import choices, fewshot
+  from tensorpoly_jax.data import choices
 
   splits = set()
-  for module, name in ((choices, "choice_arrays"), (fewshot, "task_rows")):
-    read = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda task, split, *a, read=read: (
-        splits.add(split), read(task, split, *a))[1])
+  read = choices.choice_arrays  # every split a run reads, few-shot pools included, goes through it
+  monkeypatch.setattr(choices, "choice_arrays", lambda task, split, *a: (
+      splits.add(split), read(task, split, *a))[1])
   assert cli.main(["sweep", "--gin_file=adapters/lora.gin", DATA, "--gin_file=runs/sweep.gin",
                    f"--model_dir={tmp_path}", f"--gin.BACKBONE_DIR='{backbone}'",
                    "--gin.PRETRAIN_STEPS=2", "--gin.ADAPT_STEPS=1", "--gin.SEEDS=(0,)",

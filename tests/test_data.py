@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import seqio
 
-from tensorpoly_jax.data import embedded, fewshot, prompts, sources, t0, tasks
+from tensorpoly_jax.data import choices, embedded, fewshot, prompts, sources, t0, tasks
 
 # Hand-written rows in each dataset's real schema, and what the chosen template must give.
 ROWS = {
@@ -130,23 +130,38 @@ def test_t0_training_mixture_is_one_routing_task_per_template(t0_local):
   assert len(set(batch["task_id"][:, 0])) > 3
 
 
+def source_rows(task_name: str, split: str) -> list[dict]:
+  """The prompted rows of a registered task's split, strings decoded."""
+  source = tasks.get_task_or_mixture(task_name).source
+  decode = lambda v: v.decode() if isinstance(v, bytes) else v
+  return [{"inputs": decode(ex["inputs"]), "targets": decode(ex["targets"]),
+           "answer_choices": [decode(c) for c in ex["answer_choices"][:int(ex["num_choices"])]],
+           "label": int(ex["label"])}
+          for ex in source.get_dataset(split=split, shuffle=False).as_numpy_iterator()]
+
+
 def test_heldout_task_reads_the_eval_split_with_choices(t0_local):
-  rows = fewshot.task_rows("t0__rte", "validation")
+  rows = source_rows("t0__rte", "validation")
   assert len(rows) == 12
   assert all(r["answer_choices"][r["label"]] == r["targets"] for r in rows)
   assert any("validation premise number 3." in r["inputs"] for r in rows)
 
 
-def test_fewshot_subsets_are_deterministic_and_disjoint_from_eval(t0_local):
-  a = fewshot.task_rows(fewshot.register_fewshot("t0__rte", 8, 42), "train")
-  again = fewshot.task_rows(fewshot.register_fewshot("t0__rte", 8, 42), "train")
-  other = fewshot.task_rows(fewshot.register_fewshot("t0__rte", 8, 1024), "train")
-  assert a == again and len(a) == 8
-  assert a != other
-  evaluation = {r["inputs"] for r in fewshot.task_rows("t0__rte", "validation")}
-  assert all("train premise" in r["inputs"] and r["inputs"] not in evaluation for r in a + other)
+def test_fewshot_subsets_are_deterministic_rows_of_the_pool_and_disjoint_from_eval(t0_local):
+  shots = lambda seed: fewshot.fewshot_arrays("t0__rte", 8, seed, 64, 16)
+  a, again, other = shots(42), shots(42), shots(1024)
+  assert all(np.array_equal(a[key], again[key]) for key in a) and len(a["label"]) == 8
+  assert not np.array_equal(a["encoder_input_tokens"], other["encoder_input_tokens"])
+  pool = choices.choice_arrays("t0__rte", "train", 64, 16)
+  index = fewshot.sample_indices(len(pool["label"]), 8, 42)
+  for key in a:
+    np.testing.assert_array_equal(a[key], pool[key][index])
+  evaluation = {row.tobytes() for row in
+                choices.choice_arrays("t0__rte", "validation", 64, 16)["encoder_input_tokens"]}
+  drawn = np.concatenate([a["encoder_input_tokens"], other["encoder_input_tokens"]])
+  assert not any(row.tobytes() in evaluation for row in drawn)
   with pytest.raises(ValueError, match=r"few-shot k=41 must be in \[1, 40\]"):
-    fewshot.register_fewshot("t0__rte", 41, 0)
+    fewshot.fewshot_arrays("t0__rte", 41, 0, 64, 16)
 
 
 def test_missing_dataset_names_it_and_the_local_copy(tmp_path):
@@ -292,5 +307,5 @@ def test_embedded_registration_ids_and_heldout(two_tasks):
   assert len(ids) == len(embedded.TRAIN_TASKS) * len(embedded.TEMPLATES)
   assert tasks.mixture_task_names(tasks.EMBEDDED_HELDOUT) == sorted(
       tasks.embedded_heldout_task(t) for t in embedded.HELDOUT_TASKS)
-  rows = fewshot.task_rows(tasks.embedded_heldout_task("yew"), "validation")
+  rows = source_rows(tasks.embedded_heldout_task("yew"), "validation")
   assert len(rows) == 8 and all("yew" in r["inputs"] for r in rows)
