@@ -11,6 +11,9 @@ validation, and is reported on test.
 4. ablation: TensorPoly-I and -II at their chosen point over R x N (validation): even N with the
    reference's pair LayerNorm, N=3 with the plain product (the LayerNorm multiplies leaves in
    pairs, so it needs an even N).
+5. variants: each departure from the reference in ``VARIANTS``, for the tensor methods at their
+   chosen point (not tuned again, so the comparison favours the reference if anything): its
+   validation accuracy, then its test report as in 3.
 Writes ``benchmarks/results/embedded_protocol.{json,png}`` and ``embedded_ablation.png``. Every
 stage resumes: finished sweeps are read back, unfinished runs continue from their checkpoints.
 
@@ -46,6 +49,15 @@ PRETRAIN_STEPS = ("400", "1000")
 PRETRAIN_SEEDS = ("0", "1")
 ABLATION_RANKS = ("1", "2", "4", "8", "16")
 ABLATION = {"even": ("2,4", "'layernorm'"), "odd": ("3", "'none'")}  # ORDER values, PAIR_NORM
+TENSOR_METHODS = ("tlora", "tensorpoly_i", "tensorpoly_ii")
+# Departures from the reference, each run at the tensor methods' chosen points.
+VARIANTS = {
+    "pair_norm_eps_1e-2": (
+        {"PAIR_NORM_EPS": "1e-2"},
+        "the pair LayerNorm's eps scaled by (2048/64)^2 ~ 1e3 from T0-3B's width to the tiny"
+        " T5's, so that the pair products start as far below it as at T0-3B (a fixed gain, a"
+        " small starting adapter) instead of being normalized from the first step"),
+}
 DATA = ("--gin_file=runs/data_embedded.gin",)
 
 
@@ -121,8 +133,25 @@ def summarize_report(rows: list[dict]) -> dict:
           "adaptation_params": rows[0]["adaptation_params"], "pretrain_seeds": by_pretrain_seed}
 
 
-def chosen_macros(row: dict) -> dict[str, str]:
-  return dict(row["point"])
+def tune(methods: list[str], work: str, backbone: str, macros: dict[str, str], logs: str,
+         jobs: int, prefix: str = "", grids_flags: dict[str, list[str]] | None = None) -> dict:
+  """Each method's grid (``grid_flags`` unless given) on validation, then its chosen point on
+  test for every pretraining seed:
+  ``{method: {"grid": rows, "chosen": {"point", "validation_accuracy"}, "test": summary}}``."""
+  grids_flags = grids_flags or {m: grid_flags(m) for m in methods}
+  print(f"{prefix}select (validation)", flush=True)
+  grids = run_sweeps({f"{prefix}{m}": sweep_command(
+      m, "runs/sweep.gin", backbone, f"{work}/select/{m}", macros, grids_flags[m])
+      for m in methods}, logs, jobs)
+  chosen = {m: choose(grids[f"{prefix}{m}"]) for m in methods}
+  print(f"{prefix}report (test)", flush=True)
+  reports = run_sweeps({f"{prefix}report_{m}": sweep_command(
+      m, "runs/report.gin", backbone, f"{work}/report/{m}", {**macros, **chosen[m]["point"]},
+      ["--sweep", f"PRETRAIN_SEED={','.join(PRETRAIN_SEEDS)}"]) for m in methods}, logs, jobs)
+  return {m: {"grid": grids[f"{prefix}{m}"],
+              "chosen": {"point": chosen[m]["point"],
+                         "validation_accuracy": chosen[m]["mean_accuracy"]},
+              "test": summarize_report(reports[f"{prefix}report_{m}"])} for m in methods}
 
 
 def train_backbone(work_dir: str) -> str:
@@ -161,25 +190,28 @@ def main() -> None:
   logs = os.path.join(work, "logs")
   print("backbone", flush=True)
   backbone = train_backbone(work)
-  print("select (validation)", flush=True)
-  grids = run_sweeps({m: sweep_command(m, "runs/sweep.gin", backbone, f"{work}/select/{m}", {},
-                                       grid_flags(m)) for m in methods}, logs, args.jobs)
-  chosen = {m: choose(rows) for m, rows in grids.items()}
-  print("report (test)", flush=True)
-  reports = run_sweeps({f"report_{m}": sweep_command(
-      m, "runs/report.gin", backbone, f"{work}/report/{m}", chosen_macros(chosen[m]),
-      ["--sweep", f"PRETRAIN_SEED={','.join(PRETRAIN_SEEDS)}"]) for m in methods}, logs, args.jobs)
+  tuned = tune(methods, work, backbone, {}, logs, args.jobs)
+  chosen = {m: tuned[m]["chosen"] for m in methods}
   ablation = {}
   if not args.no_ablation:
     print("ablation (validation)", flush=True)
     ablated = [m for m in ("tensorpoly_i", "tensorpoly_ii") if m in methods]
     rows = run_sweeps({f"ablation_{m}_{parity}": sweep_command(
         m, "runs/sweep.gin", backbone, f"{work}/ablation/{m}_{parity}",
-        {**chosen_macros(chosen[m]), "PAIR_NORM": pair_norm},
+        {**chosen[m]["point"], "PAIR_NORM": pair_norm},
         ["--sweep", f"ORDER={orders}", "--sweep", f"TENSOR_RANK={','.join(ABLATION_RANKS)}"])
         for m in ablated for parity, (orders, pair_norm) in ABLATION.items()}, logs, args.jobs)
     ablation = {m: [dict(r, pair_norm=ABLATION[p][1].strip("'")) for p in ABLATION
                     for r in rows[f"ablation_{m}_{p}"]] for m in ablated}
+  variants = {}
+  for name, (macros, why) in VARIANTS.items():
+    print(f"variant {name}", flush=True)
+    varied = [m for m in methods if m in TENSOR_METHODS]
+    at_chosen = {m: [f for k, v in chosen[m]["point"].items() for f in ("--sweep", f"{k}={v}")]
+                 for m in varied}
+    variants[name] = {"macros": macros, "why": why, "grid": "each method's chosen point",
+                      "methods": tune(varied, os.path.join(work, f"variant_{name}"), backbone,
+                                      macros, logs, args.jobs, f"{name}_", at_chosen)}
   results = {
       "command": " ".join(["python", "benchmarks/embedded_protocol.py", *sys.argv[1:]]),
       "commit": common.git_commit(),
@@ -189,11 +221,9 @@ def main() -> None:
                    "selection": "best mean validation accuracy (mean over tasks of the median"
                                 " over few-shot seeds)"},
       "zero_shot_test": zero_shot(backbone, work),
-      "methods": {m: {"grid": grids[m], "chosen": {"point": chosen[m]["point"],
-                                                    "validation_accuracy":
-                                                        chosen[m]["mean_accuracy"]},
-                      "test": summarize_report(reports[f"report_{m}"])} for m in methods},
+      "methods": tuned,
       "ablation": ablation,
+      "variants": variants,
       "seconds": round(time.time() - started, 1),
   }
   with open(f"{args.output}.json", "w") as f:
@@ -204,19 +234,29 @@ def main() -> None:
     plot_ablation(ablation, os.path.join(os.path.dirname(args.output), "embedded_ablation.png"))
 
 
+def tuned_rows(results: dict) -> list[tuple[str, dict]]:
+  """``(label, tuned result)`` for every method, then every variant's methods."""
+  return list(results["methods"].items()) + [
+      (f"{method} {name}", result) for name, variant in results["variants"].items()
+      for method, result in variant["methods"].items()]
+
+
 def format_table(results: dict) -> str:
-  lines = [f"{'method':<15}{'chosen point (validation)':<42}{'val':>6}{'params':>9}{'test':>7}"
+  lines = [f"{'method':<34}{'chosen point (validation)':<42}{'val':>6}{'params':>9}{'test':>7}"
            f"{'pretrain seeds':>17}{'single runs':>15}",
-           f"{'zero-shot':<15}{'':<42}{'':>6}{0:>9}{100 * results['zero_shot_test']['mean']:>7.1f}"]
-  for method, result in results["methods"].items():
+           f"{'zero-shot':<34}{'':<42}{'':>6}{0:>9}{100 * results['zero_shot_test']['mean']:>7.1f}"]
+  for label, result in tuned_rows(results):
     test = result["test"]
     point = " ".join(f"{k}={v}" for k, v in result["chosen"]["point"].items())
     low, high = test["pretrain_seed_range"]
     run_low, run_high = test["single_run_range"]
-    lines.append(f"{method:<15}{point:<42}{100 * result['chosen']['validation_accuracy']:>6.1f}"
+    lines.append(f"{label:<34}{point:<42}{100 * result['chosen']['validation_accuracy']:>6.1f}"
                  f"{test['adaptation_params']:>9,}{100 * test['mean_of_medians']:>7.1f}"
                  f"{f'{100 * low:.1f}-{100 * high:.1f}':>17}"
                  f"{f'{100 * run_low:.1f}-{100 * run_high:.1f}':>15}")
+  lines.append("val: mean validation accuracy of the chosen point; test: mean over tasks of the"
+               " median over few-shot seeds, averaged over pretraining seeds; ranges: over"
+               " pretraining seeds, and over single (pretraining x few-shot seed) runs")
   return "\n".join(lines)
 
 
@@ -227,12 +267,12 @@ def plot_accuracy_vs_params(results: dict, path: str) -> None:
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
-  for method, result in results["methods"].items():
+  for label, result in tuned_rows(results):
     test = result["test"]
     y = 100 * test["mean_of_medians"]
     low, high = (100 * v for v in test["single_run_range"])
-    ax.errorbar(test["adaptation_params"], y, yerr=[[y - low], [high - y]], fmt="o", capsize=3,
-                label=method)
+    ax.errorbar(test["adaptation_params"], y, yerr=[[y - low], [high - y]], capsize=3,
+                fmt="s" if " " in label else "o", label=label)
   ax.axhline(100 * results["zero_shot_test"]["mean"], color="gray", ls="--", label="zero-shot")
   ax.set_xscale("log")
   ax.set_xlabel("trainable adaptation parameters (one held-out task)")
@@ -268,7 +308,8 @@ def plot_ablation(ablation: dict, path: str) -> None:
           value = values[i, j]
           text = "diverged" if np.isnan(value) else fmt.format(
               100 * value if key == "mean_accuracy" else int(value))
-          ax.text(j, i, text, ha="center", va="center", fontsize=7, color="w")
+          ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                  color="k" if np.isnan(value) else "w")
       ax.set_xticks(range(len(ranks)), ranks)
       ax.set_yticks(range(len(orders)), [f"N={n}" + (" (plain)" if n % 2 else "") for n in orders])
       ax.set_xlabel("tensor rank R")
