@@ -44,7 +44,7 @@ METHOD_FLAGS = {
 }
 RATE_MACRO = {"lora": "ADAPTER_LR", "poly": "ADAPTER_LR", "mhr": "ADAPTER_LR",
               "tlora": "LEAF_LR", "tensorpoly_i": "LEAF_LR", "tensorpoly_ii": "LEAF_LR"}
-RATES = ("1e-3", "3e-3", "1e-2", "3e-2")
+RATES = ("3e-4", "1e-3", "3e-3", "1e-2", "3e-2")
 PRETRAIN_STEPS = ("400", "1000")
 PRETRAIN_SEEDS = ("0", "1")
 ABLATION_RANKS = ("1", "2", "4", "8", "16")
