@@ -8,12 +8,12 @@ validation, and is reported on test.
    validation accuracy (the mean over tasks of the median over few-shot seeds).
 3. report: the chosen point again with ``runs/report.gin`` (the test split) for every pretraining
    seed, each adapted with every few-shot seed.
-4. ablation: TensorPoly-I and -II at their chosen point over R x N (validation): even N with the
-   reference's pair LayerNorm, N=3 with the plain product (the LayerNorm multiplies leaves in
-   pairs, so it needs an even N).
-5. variants: each departure from the reference in ``VARIANTS``, for the tensor methods at their
+4. variants: each departure from the reference in ``VARIANTS``, for the tensor methods at their
    chosen point (not tuned again, so the comparison favours the reference if anything): its
    validation accuracy, then its test report as in 3.
+5. ablation: TensorPoly-I and -II at their chosen point over R x N (validation): even N with the
+   reference's pair LayerNorm, N=3 with the plain product (the LayerNorm multiplies leaves in
+   pairs, so it needs an even N).
 Writes ``benchmarks/results/embedded_protocol.{json,png}`` and ``embedded_ablation.png``. Every
 stage resumes: finished sweeps are read back, unfinished runs continue from their checkpoints.
 
@@ -192,6 +192,15 @@ def main() -> None:
   backbone = train_backbone(work)
   tuned = tune(methods, work, backbone, {}, logs, args.jobs)
   chosen = {m: tuned[m]["chosen"] for m in methods}
+  variants = {}
+  for name, (macros, why) in VARIANTS.items():
+    print(f"variant {name}", flush=True)
+    varied = [m for m in methods if m in TENSOR_METHODS]
+    at_chosen = {m: [f for k, v in chosen[m]["point"].items() for f in ("--sweep", f"{k}={v}")]
+                 for m in varied}
+    variants[name] = {"macros": macros, "why": why, "grid": "each method's chosen point",
+                      "methods": tune(varied, os.path.join(work, f"variant_{name}"), backbone,
+                                      macros, logs, args.jobs, f"{name}_", at_chosen)}
   ablation = {}
   if not args.no_ablation:
     print("ablation (validation)", flush=True)
@@ -203,15 +212,6 @@ def main() -> None:
         for m in ablated for parity, (orders, pair_norm) in ABLATION.items()}, logs, args.jobs)
     ablation = {m: [dict(r, pair_norm=ABLATION[p][1].strip("'")) for p in ABLATION
                     for r in rows[f"ablation_{m}_{p}"]] for m in ablated}
-  variants = {}
-  for name, (macros, why) in VARIANTS.items():
-    print(f"variant {name}", flush=True)
-    varied = [m for m in methods if m in TENSOR_METHODS]
-    at_chosen = {m: [f for k, v in chosen[m]["point"].items() for f in ("--sweep", f"{k}={v}")]
-                 for m in varied}
-    variants[name] = {"macros": macros, "why": why, "grid": "each method's chosen point",
-                      "methods": tune(varied, os.path.join(work, f"variant_{name}"), backbone,
-                                      macros, logs, args.jobs, f"{name}_", at_chosen)}
   results = {
       "command": " ".join(["python", "benchmarks/embedded_protocol.py", *sys.argv[1:]]),
       "commit": common.git_commit(),
