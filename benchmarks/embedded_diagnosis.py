@@ -8,7 +8,8 @@ ratio far below 1 means the LayerNorm is a fixed gain of ``1/sqrt(eps)`` rather 
 normalization.
 
   python benchmarks/embedded_diagnosis.py --backbone_dir runs/protocol/backbone/backbone \
-      --work_dir runs/diagnosis [--methods lora,tlora,...] [--leaf_lr 0.1]
+      --work_dir runs/diagnosis [--methods lora,tlora,...] [--learning_rate 0.03] \
+      [--steps 400] [--pair_norm_epsilon 1e-2]
 """
 from __future__ import annotations
 
@@ -35,11 +36,13 @@ SNAPSHOTS = 10  # checkpoints per run at which the pair variance is measured
 TENSOR_METHODS = ("tlora", "tensorpoly_i", "tensorpoly_ii")
 
 
-def pretrain(work_dir: str, backbone, method: str, adapter, steps: int, leaf_lr: float | None):
-  config = demo.DemoConfig()
-  train = config.train_config("pretrain")
-  optimizer = train.optimizer if leaf_lr is None else dataclasses.replace(
-      train.optimizer, leaf_learning_rate=leaf_lr)
+def pretrain(work_dir: str, backbone, method: str, adapter, steps: int | None,
+             learning_rate: float | None):
+  """The demo's pretraining of ``method`` (its tuned rate and steps unless given)."""
+  train = demo.DemoConfig().train_config("pretrain", method)
+  steps = steps or train.steps
+  optimizer = train.optimizer if learning_rate is None else dataclasses.replace(
+      train.optimizer, adapter_learning_rate=learning_rate, leaf_learning_rate=learning_rate)
   train = dataclasses.replace(train, steps=steps, checkpoint_every=max(1, steps // SNAPSHOTS),
                               keep_checkpoints=SNAPSHOTS + 1, log_every=10, optimizer=optimizer)
   _, export = pipeline.pretrain_adapters(os.path.join(work_dir, method), backbone, adapter,
@@ -54,26 +57,30 @@ def curves(run_dir: str) -> dict[str, list]:
   return {"step": [r["step"] for r in records], **{k: [r[k] for r in records] for k in keys}}
 
 
-def pair_variance_ratios(model, backbone, run_dir: str, batch) -> dict[str, list]:
-  """Per checkpoint: the median and the largest ratio ``var / eps`` over every pair LayerNorm
-  call (every layer, side, pair position, skill and example)."""
+def pair_variance_ratios(model, backbone, run_dir: str, batch, seed: int) -> dict[str, list]:
+  """At init (step 0, the run's own draw) and at every checkpoint: the median and the largest
+  ratio ``var / eps`` over every pair LayerNorm call (every layer, side, pair position, skill and
+  example)."""
   import orbax.checkpoint as ocp
 
   ratios = []
   original = entangle._layer_norm  # pylint: disable=protected-access
 
-  def recording(pair, scale, bias):
+  def recording(pair, scale, bias, epsilon):
     var = np.square(pair - pair.mean(axis=(-2, -1), keepdims=True)).mean(axis=(-2, -1))
-    ratios.append(np.asarray(var).ravel() / entangle.PAIR_NORM_EPSILON)
-    return original(pair, scale, bias)
+    ratios.append(np.asarray(var).ravel() / epsilon)
+    return original(pair, scale, bias, epsilon)
 
+  initial = pipeline.init_params(model, seed, adapters_only=True)  # traced: before the patch
   mngr = checkpoints.manager(os.path.join(run_dir, "checkpoints"), SNAPSHOTS + 1)
+  snapshots = [(0, lambda: initial)] + [
+      (step, lambda step=step: mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore()))["state"]["params"]) for step in mngr.all_steps()]
   steps, median, largest = [], [], []
   entangle._layer_norm = recording  # pylint: disable=protected-access
   try:
-    for step in mngr.all_steps():
-      state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-      params = merge_params(state["state"]["params"], backbone.params)
+    for step, adapter_params in snapshots:
+      params = merge_params(adapter_params(), backbone.params)
       ratios.clear()
       model.apply({"params": params}, batch["encoder_input_tokens"],
                   batch["decoder_input_tokens"], batch["decoder_target_tokens"],
@@ -93,9 +100,11 @@ def main() -> None:
   parser.add_argument("--backbone_dir", required=True)
   parser.add_argument("--work_dir", required=True)
   parser.add_argument("--methods", default="lora,tlora,poly,tensorpoly_i,tensorpoly_ii")
-  parser.add_argument("--steps", type=int, default=demo.DemoConfig().pretrain_steps)
-  parser.add_argument("--leaf_lr", type=float, default=None,
-                      help="the tensor leaves' rate (default: the demo's)")
+  parser.add_argument("--steps", type=int, default=None, help="default: the demo's (tuned)")
+  parser.add_argument("--learning_rate", type=float, default=None,
+                      help="the adapter weights' rate (default: the demo's, tuned per method)")
+  parser.add_argument("--pair_norm_epsilon", type=float, default=None,
+                      help="the tensor methods' pair LayerNorm eps (default: the reference's)")
   parser.add_argument("--output", default=os.path.join(common.RESULTS, "embedded_diagnosis"))
   args = parser.parse_args()
   started = time.time()
@@ -107,18 +116,21 @@ def main() -> None:
   results = {}
   for method in args.methods.split(","):
     adapter = demo.METHODS[method]
-    train, trained = pretrain(args.work_dir, backbone, method, adapter, args.steps, args.leaf_lr)
+    if args.pair_norm_epsilon and method in TENSOR_METHODS:
+      adapter = dataclasses.replace(adapter, pair_norm_epsilon=args.pair_norm_epsilon)
+    train, trained = pretrain(args.work_dir, backbone, method, adapter, args.steps,
+                              args.learning_rate)
     run_dir = os.path.join(args.work_dir, method, "run")
     entry = {"adapter": dataclasses.asdict(adapter), "optimizer": dataclasses.asdict(
         train.optimizer), "steps": train.steps, "curves": curves(run_dir)}
     if adapter.method in TENSOR_METHODS and adapter.pair_norm == "layernorm":
       model = EncoderDecoder(backbone.config.replace(adapter=trained))
-      entry["pair_norm"] = pair_variance_ratios(model, backbone, run_dir, batch)
+      entry["pair_norm"] = pair_variance_ratios(model, backbone, run_dir, batch, train.seed)
     results[method] = entry
     print(summary_line(method, entry), flush=True)
   payload = {"command": " ".join(["python", "benchmarks/embedded_diagnosis.py", *sys.argv[1:]]),
              "commit": common.git_commit(), "machine": common.machine(),
-             "epsilon": entangle.PAIR_NORM_EPSILON, "methods": results,
+             "methods": results,
              "seconds": round(time.time() - started, 1)}
   with open(f"{args.output}.json", "w") as f:
     json.dump(payload, f, indent=2)
@@ -156,7 +168,7 @@ def plot(results: dict, path: str) -> None:
   axes[0].set(title="pretraining loss", xlabel="step", yscale="log")
   axes[1].set(title="update norm per step (adapter weights)", xlabel="step", yscale="log")
   axes[2].axhline(1.0, color="gray", ls="--")
-  axes[2].set(title="pair product variance / LayerNorm eps (median)", xlabel="step",
+  axes[2].set(title="pair product variance / pair LayerNorm eps (median)", xlabel="step",
               yscale="log")
   for ax in axes:
     ax.legend(fontsize=6)

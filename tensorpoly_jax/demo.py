@@ -33,13 +33,32 @@ EVALUATION_FILE = "evaluation.json"
 
 
 @dataclasses.dataclass(frozen=True)
+class Tuned:
+  """A method's settings as ``benchmarks/embedded_protocol.py`` chose them on validation (its
+  ``benchmarks/results/embedded_protocol.json``; a test checks that the two agree)."""
+
+  learning_rate: float  # its trained weights' peak rate (LoRA-named or leaves), in both stages
+  pretrain_steps: int
+
+
+TUNED = {
+    "lora": Tuned(1e-2, 1000),
+    "tlora": Tuned(1e-3, 1000),
+    "poly": Tuned(1e-2, 400),
+    "mhr": Tuned(1e-2, 1000),
+    "tensorpoly_i": Tuned(1e-3, 400),
+    "tensorpoly_ii": Tuned(1e-3, 400),
+}
+
+
+@dataclasses.dataclass(frozen=True)
 class DemoConfig:
   """Sizes of the demo; ``quick()`` is the smoke-test size used by the test suite."""
 
   data_seed: int = 0
   sizes: embedded.Sizes = embedded.Sizes()
   backbone_steps: int = 2000
-  pretrain_steps: int = 400
+  pretrain_steps: int | None = None  # None: each method's tuned steps
   adapt_steps: int = 50
   batch_size: int = 32
   adapt_batch_size: int = 8
@@ -56,10 +75,15 @@ class DemoConfig:
                adapt_steps=4, batch_size=8, adapt_batch_size=8, shots=8, seeds=(0, 1),
                methods=("lora", "tensorpoly_i"))
 
-  def train_config(self, stage: str) -> TrainConfig:
-    steps = {"backbone": self.backbone_steps, "pretrain": self.pretrain_steps,
-             "adapt": self.adapt_steps}[stage]
-    rate = 3e-3 if stage == "backbone" else 1e-2
+  def train_config(self, stage: str, method: str | None = None) -> TrainConfig:
+    """The backbone's settings, or ``method``'s tuned ones for its pretraining and adaptation."""
+    if stage == "backbone":
+      steps, rate = self.backbone_steps, 3e-3
+    else:
+      tuned = TUNED[method]
+      steps = {"pretrain": self.pretrain_steps or tuned.pretrain_steps,
+               "adapt": self.adapt_steps}[stage]
+      rate = tuned.learning_rate
     optimizer = OptimizerConfig(name="adamw", learning_rate=rate, adapter_learning_rate=rate,
                                 leaf_learning_rate=rate, router_learning_rate=0.1,
                                 warmup_fraction=0.06)
@@ -83,12 +107,15 @@ def run(model_dir: str, config: DemoConfig = DemoConfig()) -> dict:
   for method in config.methods:
     method_dir = os.path.join(model_dir, method)
     _, adapter_dir = pipeline.pretrain_adapters(method_dir, backbone, METHODS[method],
-                                                tasks.EMBEDDED_TRAIN, config.train_config("pretrain"))
+                                                tasks.EMBEDDED_TRAIN,
+                                                config.train_config("pretrain", method))
     adapted = pipeline.adapt_heldout(method_dir, backbone, adapter_dir, heldout, config.shots,
-                                     config.seeds, config.train_config("adapt"),
+                                     config.seeds, config.train_config("adapt", method),
                                      eval_split=config.eval_split)
     results[method] = dataclasses.asdict(adapted)
-  evaluation = {"config": dataclasses.asdict(config), "results": results,
+  evaluation = {"config": dataclasses.asdict(config),
+                "tuned": {m: dataclasses.asdict(TUNED[m]) for m in config.methods},
+                "results": results,
                 "seconds": round(time.time() - started, 1)}
   with open(os.path.join(model_dir, EVALUATION_FILE), "w") as f:
     json.dump(evaluation, f, indent=2)
