@@ -7,6 +7,7 @@ the LayerNorm itself, so TensorPoly-II's routed leaves are measured as the model
 ratio far below 1 means the LayerNorm is a fixed gain of ``1/sqrt(eps)`` rather than a
 normalization.
 
+  python benchmarks/embedded_diagnosis.py --init_regime    # only the regime at init, by width
   python benchmarks/embedded_diagnosis.py --backbone_dir runs/protocol/backbone/backbone \
       --work_dir runs/diagnosis [--methods lora,tlora,...] [--learning_rate 0.03] \
       [--steps 400] [--pair_norm_epsilon 1e-2]
@@ -14,6 +15,7 @@ normalization.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -57,12 +59,10 @@ def curves(run_dir: str) -> dict[str, list]:
   return {"step": [r["step"] for r in records], **{k: [r[k] for r in records] for k in keys}}
 
 
-def pair_variance_ratios(model, backbone, run_dir: str, batch, seed: int) -> dict[str, list]:
-  """At init (step 0, the run's own draw) and at every checkpoint: the median and the largest
-  ratio ``var / eps`` over every pair LayerNorm call (every layer, side, pair position, skill and
-  example)."""
-  import orbax.checkpoint as ocp
-
+@contextlib.contextmanager
+def recorded_pair_variances():
+  """Within the block, every (eager) pair LayerNorm call appends its pairs' ``var / eps`` to the
+  yielded list."""
   ratios = []
   original = entangle._layer_norm  # pylint: disable=protected-access
 
@@ -71,14 +71,26 @@ def pair_variance_ratios(model, backbone, run_dir: str, batch, seed: int) -> dic
     ratios.append(np.asarray(var).ravel() / epsilon)
     return original(pair, scale, bias, epsilon)
 
-  initial = pipeline.init_params(model, seed, adapters_only=True)  # traced: before the patch
+  entangle._layer_norm = recording  # pylint: disable=protected-access
+  try:
+    yield ratios
+  finally:
+    entangle._layer_norm = original  # pylint: disable=protected-access
+
+
+def pair_variance_ratios(model, backbone, run_dir: str, batch, seed: int) -> dict[str, list]:
+  """At init (step 0, the run's own draw) and at every checkpoint: the median and the largest
+  ratio ``var / eps`` over every pair LayerNorm call (every layer, side, pair position, skill and
+  example)."""
+  import orbax.checkpoint as ocp
+
+  initial = pipeline.init_params(model, seed, adapters_only=True)  # traced: before recording
   mngr = checkpoints.manager(os.path.join(run_dir, "checkpoints"), SNAPSHOTS + 1)
   snapshots = [(0, lambda: initial)] + [
       (step, lambda step=step: mngr.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore()))["state"]["params"]) for step in mngr.all_steps()]
   steps, median, largest = [], [], []
-  entangle._layer_norm = recording  # pylint: disable=protected-access
-  try:
+  with recorded_pair_variances() as ratios, contextlib.closing(mngr):
     for step, adapter_params in snapshots:
       params = merge_params(adapter_params(), backbone.params)
       ratios.clear()
@@ -89,16 +101,35 @@ def pair_variance_ratios(model, backbone, run_dir: str, batch, seed: int) -> dic
       steps.append(step)
       median.append(float(np.median(values)))
       largest.append(float(values.max()))
-  finally:
-    entangle._layer_norm = original  # pylint: disable=protected-access
-    mngr.close()
   return {"step": steps, "median_var_over_eps": median, "max_var_over_eps": largest}
+
+
+def init_regime(widths=(64, 2048, 5120)) -> dict[str, dict[int, float]]:
+  """The median pair ``var / eps`` of each tensor method's initial adapter (the demo's sizes) on
+  one ``d x d`` layer, for each width ``d``: the tiny T5's 64, and T0-3B's d_model 2048 and FFN
+  width 5120 (no training, no backbone)."""
+  import jax
+  import jax.numpy as jnp
+  from tensorpoly_jax.t5.layers import DenseGeneral
+
+  regime = {}
+  for method in TENSOR_METHODS:
+    adapter = dataclasses.replace(demo.METHODS[method], n_tasks=4, targets=".*")
+    regime[method] = {}
+    for width in widths:
+      layer = DenseGeneral(width, kernel_axes=("embed", "mlp"), adapter=adapter)
+      x, task_ids = jnp.ones((4, 1, width)), jnp.arange(4)
+      variables = jax.jit(layer.init)(jax.random.PRNGKey(0), x, task_ids)
+      with recorded_pair_variances() as ratios:
+        layer.apply(variables, x, task_ids)
+      regime[method][width] = float(np.median(np.concatenate(ratios)))
+  return regime
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--backbone_dir", required=True)
-  parser.add_argument("--work_dir", required=True)
+  parser.add_argument("--backbone_dir")
+  parser.add_argument("--work_dir")
   parser.add_argument("--methods", default="lora,tlora,poly,tensorpoly_i,tensorpoly_ii")
   parser.add_argument("--steps", type=int, default=None, help="default: the demo's (tuned)")
   parser.add_argument("--learning_rate", type=float, default=None,
@@ -106,7 +137,21 @@ def main() -> None:
   parser.add_argument("--pair_norm_epsilon", type=float, default=None,
                       help="the tensor methods' pair LayerNorm eps (default: the reference's)")
   parser.add_argument("--output", default=os.path.join(common.RESULTS, "embedded_diagnosis"))
+  parser.add_argument("--init_regime", action="store_true",
+                      help="only the pair-norm regime at init, at the tiny and T0-3B widths")
   args = parser.parse_args()
+  if args.init_regime:
+    regime = init_regime()
+    for method, by_width in regime.items():
+      print(f"{method:<14} pair var/eps at init: " + "  ".join(
+          f"d={width}: {ratio:.2e}" for width, ratio in by_width.items()))
+    with open(f"{args.output}_init.json", "w") as f:
+      json.dump({"command": " ".join(["python", "benchmarks/embedded_diagnosis.py",
+                                      *sys.argv[1:]]),
+                 "commit": common.git_commit(), "median_var_over_eps": regime}, f, indent=2)
+    return
+  if not (args.backbone_dir and args.work_dir):
+    parser.error("--backbone_dir and --work_dir are needed (all but --init_regime train runs)")
   started = time.time()
   config = demo.DemoConfig()
   tasks.register_embedded(config.data_seed, config.sizes)
