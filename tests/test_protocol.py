@@ -26,6 +26,21 @@ def test_protocol_tunes_the_demos_adapters_with_one_grid_size(method):
   gin.clear_config()
 
 
+def test_report_gin_changes_nothing_but_the_split():
+  import gin
+
+  def parsed(run_file):
+    cli.parse_gin(["adapters/lora.gin", "runs/data_embedded.gin", run_file],
+                  ["--gin.BACKBONE_DIR='unused'"], model_dir="unused")
+    lines = set(gin.config_str().splitlines())
+    gin.clear_config()
+    return lines
+
+  sweep, report = parsed("runs/sweep.gin"), parsed("runs/report.gin")
+  assert sweep - report == {"pipeline_run.eval_split = 'validation'"}
+  assert report - sweep == {"pipeline_run.eval_split = 'test'"}
+
+
 def _row(point, accuracy, split="validation"):
   return {"point": point, "mean_accuracy": accuracy, "split": split, "adaptation_params": 10,
           "accuracy": {}}
@@ -53,3 +68,15 @@ def test_report_summary_is_the_mean_over_tasks_of_few_shot_medians():
   assert summary["mean_of_medians"] == pytest.approx((0.7 + 0.5) / 2)
   assert summary["pretrain_seed_range"] == pytest.approx([0.5, 0.7])
   assert summary["single_run_range"] == pytest.approx([0.5, 0.85])
+
+
+def test_demo_runs_each_method_at_the_point_the_protocol_chose():
+  import json
+
+  with open(os.path.join(ROOT, "benchmarks", "results", "embedded_protocol.json")) as f:
+    results = json.load(f)
+  assert set(results["methods"]) == set(demo.METHODS) == set(demo.TUNED)
+  for method, entry in results["methods"].items():
+    point = entry["chosen"]["point"]
+    assert demo.TUNED[method] == demo.Tuned(float(point[protocol.RATE_MACRO[method]]),
+                                            int(point["PRETRAIN_STEPS"])), method
