@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  pylint: disable=wrong-import-position
@@ -67,37 +68,40 @@ def grid_flags(method: str) -> list[str]:
           "--sweep", f"PRETRAIN_STEPS={','.join(PRETRAIN_STEPS)}"]
 
 
+class Sweep(NamedTuple):
+  model_dir: str
+  command: list[str]
+
+
 def sweep_command(method: str, run_file: str, backbone_dir: str, model_dir: str,
-                  macros: dict[str, str], sweep_flags: list[str]) -> list[str]:
+                  macros: dict[str, str], sweep_flags: list[str]) -> Sweep:
   gin = {**METHOD_FLAGS[method], **macros, "BACKBONE_DIR": repr(backbone_dir)}
-  return [sys.executable, "-m", "tensorpoly_jax", "sweep", f"--gin_file=adapters/{method}.gin",
-          *DATA, f"--gin_file={run_file}", f"--model_dir={model_dir}",
-          *(f"--gin.{k}={v}" for k, v in gin.items()), *sweep_flags]
+  return Sweep(model_dir, [
+      sys.executable, "-m", "tensorpoly_jax", "sweep", f"--gin_file=adapters/{method}.gin", *DATA,
+      f"--gin_file={run_file}", f"--model_dir={model_dir}",
+      *(f"--gin.{k}={v}" for k, v in gin.items()), *sweep_flags])
 
 
-def run_sweeps(commands: dict[str, list[str]], log_dir: str, jobs: int) -> dict[str, list[dict]]:
-  """Runs each sweep (``name -> command``) unless its results exist, ``jobs`` at a time; returns
-  each one's ``sweep_results.json`` rows."""
+def run_sweeps(sweeps: dict[str, Sweep], log_dir: str, jobs: int) -> dict[str, list[dict]]:
+  """Runs each sweep unless its results exist, ``jobs`` at a time; returns each one's
+  ``sweep_results.json`` rows."""
   os.makedirs(log_dir, exist_ok=True)
 
-  def results_path(command):
-    model_dir = next(a for a in command if a.startswith("--model_dir=")).split("=", 1)[1]
-    return os.path.join(model_dir, "sweep_results.json")
-
   def run(name):
-    command = commands[name]
-    if not os.path.exists(results_path(command)):
+    model_dir, command = sweeps[name]
+    results_path = os.path.join(model_dir, "sweep_results.json")
+    if not os.path.exists(results_path):
       started = time.time()
       with open(os.path.join(log_dir, f"{name}.log"), "w") as log:
         log.write(" ".join(command) + "\n")
         log.flush()
         subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
       print(f"  {name}: {time.time() - started:.0f} s", flush=True)
-    with open(results_path(command)) as f:
+    with open(results_path) as f:
       return name, json.load(f)
 
   with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-    return dict(pool.map(run, commands))
+    return dict(pool.map(run, sweeps))
 
 
 def choose(rows: list[dict]) -> dict:
@@ -112,15 +116,15 @@ def choose(rows: list[dict]) -> dict:
 
 
 def summarize_report(rows: list[dict]) -> dict:
-  """Test accuracy of one method's chosen point: per pretraining seed, the mean over tasks of the
-  median over few-shot seeds, and the mean over tasks for each single few-shot seed (the spread)."""
+  """Test accuracy of one method's chosen point: per pretraining seed, the sweep row's mean over
+  tasks of the median over few-shot seeds, and the mean over tasks for each single few-shot seed
+  (the spread)."""
   by_pretrain_seed = {}
   for row in rows:
     accuracy = row["accuracy"]  # {task: {few-shot seed: accuracy}}
     few_shot_seeds = sorted(next(iter(accuracy.values())))
     by_pretrain_seed[row["point"]["PRETRAIN_SEED"]] = {
-        "mean_of_medians": statistics.fmean(statistics.median(s.values())
-                                            for s in accuracy.values()),
+        "mean_of_medians": row["mean_accuracy"],
         "few_shot_seed_means": {seed: statistics.fmean(s[seed] for s in accuracy.values())
                                 for seed in few_shot_seeds},
         "accuracy": accuracy,

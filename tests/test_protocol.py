@@ -57,9 +57,10 @@ def test_choice_is_the_best_validation_point_and_never_a_diverged_one():
 
 
 def test_report_summary_is_the_mean_over_tasks_of_few_shot_medians():
-  rows = [{"point": {"PRETRAIN_SEED": "0"}, "adaptation_params": 7,
+  # mean_accuracy: the sweep row's mean over tasks of the few-shot medians (commands.adapt's).
+  rows = [{"point": {"PRETRAIN_SEED": "0"}, "adaptation_params": 7, "mean_accuracy": 0.7,
            "accuracy": {"a": {"0": 0.5, "1": 0.9, "2": 0.6}, "b": {"0": 1.0, "1": 0.8, "2": 0.7}}},
-          {"point": {"PRETRAIN_SEED": "1"}, "adaptation_params": 7,
+          {"point": {"PRETRAIN_SEED": "1"}, "adaptation_params": 7, "mean_accuracy": 0.5,
            "accuracy": {"a": {"0": 0.4, "1": 0.4, "2": 0.4}, "b": {"0": 0.6, "1": 0.6, "2": 0.6}}}]
   summary = protocol.summarize_report(rows)
   first = summary["pretrain_seeds"]["0"]
