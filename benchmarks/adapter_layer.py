@@ -18,18 +18,9 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  pylint: disable=wrong-import-position
 
-from tensorpoly_jax.methods import AdapterConfig  # noqa: E402
 from tensorpoly_jax.t5.layers import DenseGeneral  # noqa: E402
 
-# The paper's settings: LoRA/Poly/MHR at r=1, tensor methods at r=16 (TLoRA[r=16] is N=2, R=1).
-METHODS = {
-    "lora": AdapterConfig("lora", lora_rank=1, targets=".*"),
-    "tlora": AdapterConfig("tlora", lora_rank=16, n_skills=1, order=2, targets=".*"),
-    "poly": AdapterConfig("poly", lora_rank=1, n_skills=8, targets=".*"),
-    "mhr": AdapterConfig("mhr", lora_rank=1, n_skills=8, n_splits=8, targets=".*"),
-    "tensorpoly_i": AdapterConfig("tensorpoly_i", lora_rank=16, n_skills=8, order=2, targets=".*"),
-    "tensorpoly_ii": AdapterConfig("tensorpoly_ii", lora_rank=16, n_skills=8, order=2, targets=".*"),
-}
+METHODS = {name: common.paper_adapter(name, targets=".*") for name in common.PAPER_ADAPTERS}
 
 
 def median_seconds(fn, args, repeats: int) -> float:
@@ -52,7 +43,7 @@ def measure(batch, tokens, d_in, d_out, n_tasks, repeats):
   baseline = median_seconds(step_for(frozen, frozen_params, None), ({}, x, task_ids), repeats)
   rows = {"frozen": {"seconds": baseline, "ratio": 1.0, "adapter_params": 0}}
   for name, config in METHODS.items():
-    config = AdapterConfig(**{**config.__dict__, "n_tasks": n_tasks})
+    config = config.with_tasks(n_tasks)
     layer = DenseGeneral(d_out, kernel_axes=("embed", "mlp"), adapter=config)
     params = layer.init(jax.random.PRNGKey(1), x, task_ids)["params"]
     seconds = median_seconds(step_for(layer, params, "adapter"), (params["adapter"], x, task_ids),

@@ -19,7 +19,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tensorpoly_jax.methods import AdapterConfig, adapter_config
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# The paper's T0 settings: LoRA/Poly/MHR at r=1; the tensor methods at r=16, N=2, R=8
+# (TLoRA[r=16] is R=1); S=8 skills, MHR with 8 heads.
+PAPER_ADAPTERS = {
+    "lora": dict(lora_rank=1),
+    "tlora": dict(lora_rank=16, tensor_rank=1, order=2),
+    "poly": dict(lora_rank=1, n_skills=8),
+    "mhr": dict(lora_rank=1, n_skills=8, n_splits=8),
+    "tensorpoly_i": dict(lora_rank=16, tensor_rank=8, order=2),
+    "tensorpoly_ii": dict(lora_rank=16, tensor_rank=8, order=2),
+}
+
+
+def paper_adapter(method: str, n_tasks: int = 1, **fields) -> AdapterConfig:
+  """``method`` at the paper's settings (``fields`` override them), routing ``n_tasks`` tasks."""
+  return adapter_config(method, **{**PAPER_ADAPTERS[method], **fields}).with_tasks(n_tasks)
 
 
 def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> dict:

@@ -18,18 +18,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  pylint: disable=wrong-import-position
 
 from tensorpoly_jax import aot  # noqa: E402
-from tensorpoly_jax.methods import AdapterConfig  # noqa: E402
 from tensorpoly_jax.t5.model import RunOptions, preset  # noqa: E402
 
-# T0's adapter settings (SPEC): Poly/MHR r=1, tensor methods r=16, R=S=8, N=2.
-ADAPTERS = {
-    "lora": AdapterConfig("lora", lora_rank=1),
-    "tlora": AdapterConfig("tlora", lora_rank=16, n_skills=1, order=2),
-    "poly": AdapterConfig("poly", lora_rank=1, n_skills=8),
-    "mhr": AdapterConfig("mhr", lora_rank=1, n_skills=8, n_splits=8),
-    "tensorpoly_i": AdapterConfig("tensorpoly_i", lora_rank=16, n_skills=8, order=2),
-    "tensorpoly_ii": AdapterConfig("tensorpoly_ii", lora_rank=16, n_skills=8, order=2),
-}
+ADAPTERS = {name: common.paper_adapter(name) for name in common.PAPER_ADAPTERS}
 SIZES = {
     "default": dict(preset="t0_3b", topology="v4:2x2x4", depths=(2, 8, 24), batch=32, length=256),
     "quick": dict(preset="tiny", topology="v4:2x2x4", depths=(1, 2), batch=32, length=32),

@@ -20,17 +20,17 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  pylint: disable=wrong-import-position
 
-from tensorpoly_jax.methods import AdapterConfig  # noqa: E402
+from tensorpoly_jax.methods import AdapterConfig, adapter_config  # noqa: E402
 from tensorpoly_jax.t5.model import EncoderDecoder, preset  # noqa: E402
 
 N_TASKS = 8
 # (axis swept, method, fixed settings, values): the paper's r=1 for Poly, r=16 for the tensor ones.
 SWEEPS = (
     ("skills S", "poly", dict(lora_rank=1), "n_skills", (2, 4, 8, 16, 32)),
-    ("tensor rank R", "tensorpoly_i", dict(lora_rank=16, order=2), "n_skills", (1, 2, 4, 8, 16)),
-    ("order N", "tensorpoly_ii", dict(lora_rank=16, n_skills=8), "order", (2, 4, 6, 8)),
+    ("tensor rank R", "tensorpoly_i", dict(lora_rank=16, order=2), "tensor_rank", (1, 2, 4, 8, 16)),
+    ("order N", "tensorpoly_ii", dict(lora_rank=16, tensor_rank=8), "order", (2, 4, 6, 8)),
     ("tasks per batch", "poly", dict(lora_rank=1, n_skills=8), "tasks", (1, 2, 4, 8)),
-    ("tasks per batch", "tensorpoly_ii", dict(lora_rank=16, n_skills=8, order=2), "tasks",
+    ("tasks per batch", "tensorpoly_ii", dict(lora_rank=16, tensor_rank=8, order=2), "tasks",
      (1, 2, 4, 8)),
 )
 SIZES = {
@@ -48,7 +48,7 @@ def sweep_points(sweeps) -> dict[tuple, tuple[AdapterConfig | None, int]]:
   for axis, method, fixed, field, values in sweeps:
     for value in values:
       settings = {**fixed, **({} if field == "tasks" else {field: value})}
-      points[axis, method, value] = (AdapterConfig(method, n_tasks=N_TASKS, **settings),
+      points[axis, method, value] = (adapter_config(method, n_tasks=N_TASKS, **settings),
                                      value if field == "tasks" else N_TASKS)
   return points
 

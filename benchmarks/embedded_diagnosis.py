@@ -30,7 +30,7 @@ import common  # noqa: E402  pylint: disable=wrong-import-position
 
 from tensorpoly_jax import checkpoints, demo, entangle, pipeline  # noqa: E402
 from tensorpoly_jax.data import batches, tasks  # noqa: E402
-from tensorpoly_jax.methods import AdapterConfig  # noqa: E402
+from tensorpoly_jax.methods import from_dict  # noqa: E402
 from tensorpoly_jax.metrics import METRICS_FILE  # noqa: E402
 from tensorpoly_jax.t5.model import EncoderDecoder, merge_params  # noqa: E402
 
@@ -49,7 +49,7 @@ def pretrain(work_dir: str, backbone, method: str, adapter, steps: int | None,
                               keep_checkpoints=SNAPSHOTS + 1, log_every=10, optimizer=optimizer)
   _, export = pipeline.pretrain_adapters(os.path.join(work_dir, method), backbone, adapter,
                                          tasks.EMBEDDED_TRAIN, train)
-  return train, AdapterConfig(**checkpoints.load_adapter(export)[1]["adapter"])
+  return train, from_dict(checkpoints.load_adapter(export)[1]["adapter"])
 
 
 def curves(run_dir: str) -> dict[str, list]:
@@ -114,7 +114,7 @@ def init_regime(widths=(64, 2048, 5120)) -> dict[str, dict[int, float]]:
 
   regime = {}
   for method in TENSOR_METHODS:
-    adapter = dataclasses.replace(demo.METHODS[method], n_tasks=4, targets=".*")
+    adapter = dataclasses.replace(demo.METHODS[method], targets=".*").with_tasks(4)
     regime[method] = {}
     for width in widths:
       layer = DenseGeneral(width, kernel_axes=("embed", "mlp"), adapter=adapter)
@@ -166,7 +166,7 @@ def main() -> None:
     train, trained = pretrain(args.work_dir, backbone, method, adapter, args.steps,
                               args.learning_rate)
     run_dir = os.path.join(args.work_dir, method, "run")
-    entry = {"adapter": dataclasses.asdict(adapter), "optimizer": dataclasses.asdict(
+    entry = {"adapter": adapter.to_dict(), "optimizer": dataclasses.asdict(
         train.optimizer), "steps": train.steps, "curves": curves(run_dir)}
     if adapter.method in TENSOR_METHODS and adapter.pair_norm == "layernorm":
       model = EncoderDecoder(backbone.config.replace(adapter=trained))

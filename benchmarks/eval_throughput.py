@@ -19,7 +19,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  pylint: disable=wrong-import-position
 
-from tensorpoly_jax.methods import AdapterConfig  # noqa: E402
+from tensorpoly_jax.adapters import PolyConfig  # noqa: E402
 from tensorpoly_jax.t5 import scoring  # noqa: E402
 from tensorpoly_jax.t5.model import EncoderDecoder, preset  # noqa: E402
 from tensorpoly_jax.t5.seq2seq import Seq2SeqModel  # noqa: E402
@@ -49,7 +49,7 @@ def naive_scores(model, params, encoder_tokens, choice_tokens, task_ids):
 def main():
   args = common.argument_parser(__doc__).parse_args()
   size = SIZES["quick" if args.quick else "default"]
-  adapter = AdapterConfig("poly", lora_rank=1, n_skills=8, n_tasks=8)
+  adapter = PolyConfig(lora_rank=1, n_skills=8, n_tasks=8)
   model = EncoderDecoder(preset(size["preset"], adapter=adapter))
   params = common.random_params(model)
   rng = np.random.default_rng(0)

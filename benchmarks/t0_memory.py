@@ -18,7 +18,7 @@ import common  # noqa: E402  pylint: disable=wrong-import-position
 
 from tensorpoly_jax import aot, cli  # noqa: E402
 
-METHODS = ("lora", "tlora", "poly", "mhr", "tensorpoly_i", "tensorpoly_ii")
+METHODS = tuple(common.PAPER_ADAPTERS)
 # (model file, topology, model parallel, stages)
 TARGETS = {
     "default": [("t0_3b", "v4:2x2x4", 1, ("pretrain", "adapt", "eval")),

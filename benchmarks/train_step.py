@@ -32,15 +32,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  pylint: disable=wrong-import-position
 
-# Paper settings: LoRA/Poly/MHR at r=1; tensor methods r=16, N=2 (TLoRA[r=16]: R=1).
-METHODS = {
-    "lora": dict(method="lora", lora_rank=1),
-    "tlora": dict(method="tlora", lora_rank=16, n_skills=1, order=2),
-    "poly": dict(method="poly", lora_rank=1, n_skills=8),
-    "mhr": dict(method="mhr", lora_rank=1, n_skills=8, n_splits=8),
-    "tensorpoly_i": dict(method="tensorpoly_i", lora_rank=16, n_skills=8, order=2),
-    "tensorpoly_ii": dict(method="tensorpoly_ii", lora_rank=16, n_skills=8, order=2),
-}
+METHODS = tuple(common.PAPER_ADAPTERS)
 PEFT_METHODS = ("frozen", "lora", "poly")
 N_TASKS = 8
 SIZES = {
@@ -64,7 +56,6 @@ def run_ours(size: dict, dtype: str, peft_seconds: dict):
   import jax
   import jax.numpy as jnp
 
-  from tensorpoly_jax.methods import AdapterConfig
   from tensorpoly_jax.t5.model import EncoderDecoder, dtype_named, preset
 
   trainable = {}
@@ -73,7 +64,7 @@ def run_ours(size: dict, dtype: str, peft_seconds: dict):
     backbone = None
     # Slowest compiles first (tensor adapters), so none starts last.
     for name in (*reversed(size["methods"]), "frozen"):
-      adapter = None if name == "frozen" else AdapterConfig(**METHODS[name], n_tasks=N_TASKS)
+      adapter = None if name == "frozen" else common.paper_adapter(name, N_TASKS)
       model = EncoderDecoder(preset(size["preset"], adapter=adapter, dtype=dtype_named(dtype)))
       params = common.random_params(model, backbone=backbone)
       backbone = backbone or params

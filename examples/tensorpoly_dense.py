@@ -3,10 +3,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tensorpoly_jax import AdapterConfig
+from tensorpoly_jax import TensorPolyIConfig
 from tensorpoly_jax.t5.layers import DenseGeneral
 
-config = AdapterConfig("tensorpoly_i", lora_rank=4, n_tasks=3, n_skills=8, order=2, targets=".*")
+config = TensorPolyIConfig(lora_rank=4, n_tasks=3, tensor_rank=8, order=2, targets=".*")
 layer = DenseGeneral(64, kernel_axes=("embed", "mlp"), adapter=config)
 x = jax.random.normal(jax.random.PRNGKey(0), (6, 10, 32))  # [batch, tokens, d_in]
 task_ids = jnp.array([0, 1, 2, 0, 1, 2])  # each example's routing task

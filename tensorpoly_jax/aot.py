@@ -132,7 +132,7 @@ def lower(stage: str, config: T5Config, shapes: StepShapes, mesh, train: trainer
     raise ValueError(f"--stage={stage} needs an adapter: add --gin_file=adapters/<method>.gin.")
   else:  # few-shot adaptation routes a held-out task with one new router row
     tasks = shapes.num_tasks + (stage != "pretrain")
-    config = config.replace(adapter=dataclasses.replace(config.adapter, n_tasks=tasks))
+    config = config.replace(adapter=config.adapter.with_tasks(tasks))
   model = EncoderDecoder(config)
   variables = abstract_variables(model)
   shardings = partitioning.param_shardings(variables, mesh)

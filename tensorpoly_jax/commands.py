@@ -11,7 +11,7 @@ import numpy as np
 from tensorpoly_jax import (aot, checkpoints, evaluation, partitioning, paths, peft_bridge,
                            pipeline)
 from tensorpoly_jax.data import tasks
-from tensorpoly_jax.methods import AdapterConfig
+from tensorpoly_jax.methods import AdapterConfig, from_dict
 from tensorpoly_jax.t5 import convert as t5_convert
 from tensorpoly_jax.t5 import layout
 from tensorpoly_jax.t5.model import (EncoderDecoder, RunOptions, T5Config, abstract_variables,
@@ -119,7 +119,7 @@ def evaluate(model_dir: str, backbone_dir: str, heldout, adapter_dir: str | None
   config, params, task_id = backbone.config, backbone.params, None
   if adapter_dir is not None:
     adapter_params, meta = checkpoints.load_adapter(adapter_dir)
-    config = config.replace(adapter=AdapterConfig(**meta["adapter"]))
+    config = config.replace(adapter=from_dict(meta["adapter"]))
     shardings = split_params(partitioning.param_shardings(
         abstract_variables(EncoderDecoder(config)), backbone.mesh))[0]
     adapter_params = jax.device_put(layout.to_layout(adapter_params, config.scan_layers), shardings)

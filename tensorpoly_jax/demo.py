@@ -15,19 +15,19 @@ import time
 
 from tensorpoly_jax import pipeline
 from tensorpoly_jax.data import embedded, tasks
-from tensorpoly_jax.methods import AdapterConfig
+from tensorpoly_jax.methods import adapter_config
 from tensorpoly_jax.optimizers import OptimizerConfig
 from tensorpoly_jax.reporting import write_report
 from tensorpoly_jax.t5.model import preset
 from tensorpoly_jax.trainer import TrainConfig
 
 METHODS = {
-    "lora": AdapterConfig("lora", lora_rank=4),
-    "tlora": AdapterConfig("tlora", lora_rank=4, n_skills=2, order=2),
-    "poly": AdapterConfig("poly", lora_rank=4, n_skills=8),
-    "mhr": AdapterConfig("mhr", lora_rank=4, n_skills=8, n_splits=4),
-    "tensorpoly_i": AdapterConfig("tensorpoly_i", lora_rank=4, n_skills=8, order=2),
-    "tensorpoly_ii": AdapterConfig("tensorpoly_ii", lora_rank=4, n_skills=8, order=2),
+    "lora": adapter_config("lora", lora_rank=4),
+    "tlora": adapter_config("tlora", lora_rank=4, tensor_rank=2, order=2),
+    "poly": adapter_config("poly", lora_rank=4, n_skills=8),
+    "mhr": adapter_config("mhr", lora_rank=4, n_skills=8, n_splits=4),
+    "tensorpoly_i": adapter_config("tensorpoly_i", lora_rank=4, tensor_rank=8, order=2),
+    "tensorpoly_ii": adapter_config("tensorpoly_ii", lora_rank=4, tensor_rank=8, order=2),
 }
 EVALUATION_FILE = "evaluation.json"
 

@@ -8,7 +8,7 @@ the same param tree. Works for Flax's ``nn.Dense``/``nn.DenseGeneral`` and T5X-s
 ``DenseGeneral`` (``features``, ``axis``, ``kernel_axes``); use it inside ``init``/``apply`` and,
 under ``jax.jit``, inside the traced function::
 
-  with inject_adapters(AdapterConfig("poly", n_tasks=8, targets=r".*/(query|value)"), task_ids):
+  with inject_adapters(PolyConfig(n_tasks=8, targets=r".*/(query|value)"), task_ids):
     variables = model.init(rng, tokens)
 """
 from __future__ import annotations

@@ -1,81 +1,83 @@
-"""One config object picks an adapter method, builds its layers and counts its parameters."""
+"""Adapter methods by name: a config class per method, holding only that method's fields, which
+builds its flax module and counts its parameters.
+
+A method registers its config with ``@register`` next to its module (``tensorpoly_jax/adapters/``);
+``METHODS`` maps names to config classes, which gin binds by their class names.
+"""
 from __future__ import annotations
 
 import dataclasses
 import math
 import re
-from typing import Any
+from typing import Any, ClassVar
 
+import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
-from tensorpoly_jax import adapters
 from tensorpoly_jax import entangle as ent
+from tensorpoly_jax import param_roles
 
-METHODS = {
-    "lora": adapters.LoRA,
-    "tlora": adapters.TLoRA,
-    "poly": adapters.Poly,
-    "mhr": adapters.MHR,
-    "tensorpoly_i": adapters.TensorPolyI,
-    "tensorpoly_ii": adapters.TensorPolyII,
-}
-ROUTED = ("poly", "mhr", "tensorpoly_i", "tensorpoly_ii")
-TENSOR = ("tlora", "tensorpoly_i", "tensorpoly_ii")
 # The reference adapts self-/cross-attention q, k, v, o and the FFN (T5X layer names).
 DEFAULT_TARGETS = r".*(attention|mlp)/(query|key|value|out|wi_0|wi_1|wi|wo)"
+METHODS: dict[str, type["AdapterConfig"]] = {}
 
 
-@dataclasses.dataclass(frozen=True)
+def register(config_cls):
+  """Class decorator: makes ``config_cls.method`` a method name for every stage and gin."""
+  if config_cls.method in METHODS:
+    raise ValueError(f"adapter method {config_cls.method!r} is registered twice.")
+  METHODS[config_cls.method] = config_cls
+  return config_cls
+
+
+def adapter_config(method: str, **fields) -> "AdapterConfig":
+  """``method``'s config from its fields (an export's ``adapter`` dict without ``method``)."""
+  if method not in METHODS:
+    raise ValueError(f"adapter method {method!r} is unknown; choose one of {sorted(METHODS)}.")
+  config_cls = METHODS[method]
+  known = {f.name for f in dataclasses.fields(config_cls)}
+  if set(fields) - known:
+    raise ValueError(f"{method} has no field(s) {sorted(set(fields) - known)}; its fields are"
+                     f" {sorted(known)}.")
+  return config_cls(**fields)
+
+
+def from_dict(fields: dict) -> "AdapterConfig":
+  """Inverse of ``AdapterConfig.to_dict``."""
+  return adapter_config(**fields)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class AdapterConfig:
-  """Which adapter to put on which layers, with its sizes.
+  """Which layers get the adapter (``targets``, a regex over module paths) and its LoRA rank."""
 
-  ``n_skills`` is the skill inventory S, which is the tensor rank R for the tensor methods;
-  ``n_splits`` is MHR's routing heads H; ``order`` is the tensor order N.
-  ``train_pair_norm`` makes the pair LayerNorms' affines trainable; the reference's released
-  configs (``*_lora_sota.json``) and the paper's parameter counts keep them frozen for every
-  method, which is the default. ``pair_norm_epsilon`` is the pair LayerNorm's eps (the reference's
-  1e-5 by default; ``entangle.entangle`` says why it matters at small widths).
-  ``shared_router`` routes every layer with one router (the reference has one per layer).
-  """
+  method: ClassVar[str]
+  module: ClassVar[type]  # the flax module one adapted layer builds
+  routed: ClassVar[bool] = False
 
-  method: str = "lora"
   lora_rank: int = 16
-  n_tasks: int = 1
-  n_skills: int = 8
-  n_splits: int = 1
-  order: int = 2
-  pair_norm: str = "layernorm"
-  train_pair_norm: bool = False
-  pair_norm_epsilon: float = ent.PAIR_NORM_EPSILON
-  relaxed_bernoulli: bool = False
-  shared_router: bool = False
   targets: str = DEFAULT_TARGETS
 
   def __post_init__(self):
-    if self.method not in METHODS:
-      raise ValueError(f"adapter method {self.method!r} is unknown; choose one of {sorted(METHODS)}.")
-    ent.check_positive(lora_rank=self.lora_rank, n_tasks=self.n_tasks, n_skills=self.n_skills,
-                       n_splits=self.n_splits, order=self.order)
-    if self.method == "mhr" and self.n_splits < 2:
-      raise ValueError(f"mhr needs n_splits >= 2 routing heads, got {self.n_splits}; use poly for 1.")
-    if self.method in ("lora", "poly") and self.n_splits != 1:
-      raise ValueError(f"{self.method} has one routing head; n_splits={self.n_splits} is for mhr.")
-    if self.method in TENSOR:
-      ent.check_pair_norm(self.pair_norm, self.order)
-      if not self.pair_norm_epsilon > 0:
-        raise ValueError(f"pair_norm_epsilon must be > 0, got {self.pair_norm_epsilon}.")
+    ent.check_positive(lora_rank=self.lora_rank)
     try:
       re.compile(self.targets)
     except re.error as err:
       raise ValueError(f"targets={self.targets!r} is not a valid regex: {err}") from None
 
-  @property
-  def routed(self) -> bool:
-    return self.method in ROUTED
+  def to_dict(self) -> dict:
+    """The export schema: ``{"method": name, **fields}``."""
+    return {"method": self.method, **dataclasses.asdict(self)}
 
-  @property
-  def routing_heads(self) -> int:
-    return {"mhr": self.n_splits, "tensorpoly_ii": self.order}.get(self.method, 1)
+  def with_tasks(self, n_tasks: int) -> "AdapterConfig":
+    """The config whose router knows ``n_tasks`` tasks (unchanged for unrouted methods)."""
+    return self
+
+  def module_fields(self) -> dict:
+    """The module's fields: the config's, less the ones that place or share it."""
+    return {k: v for k, v in dataclasses.asdict(self).items()
+            if k not in ("targets", "shared_router")}
 
   def matches(self, path: str) -> bool:
     return re.fullmatch(self.targets, path) is not None
@@ -83,18 +85,8 @@ class AdapterConfig:
   def build(self, features: int, in_axis: str = "embed", out_axis: str = "embed",
             dtype: Any = jnp.float32, name: str | None = None):
     """The adapter module for one layer with ``features`` outputs."""
-    kwargs = dict(features=features, lora_rank=self.lora_rank, in_axis=in_axis,
-                  out_axis=out_axis, dtype=dtype, name=name)
-    if self.method != "lora":
-      kwargs.update(n_tasks=self.n_tasks, n_skills=self.n_skills,
-                    relaxed_bernoulli=self.relaxed_bernoulli)
-    if self.method == "mhr":
-      kwargs.update(n_splits=self.n_splits)
-    if self.method in TENSOR:
-      kwargs.update(order=self.order, pair_norm=self.pair_norm,
-                    train_pair_norm=self.train_pair_norm,
-                    pair_norm_epsilon=self.pair_norm_epsilon)
-    return METHODS[self.method](**kwargs)
+    return self.module(features=features, in_axis=in_axis, out_axis=out_axis, dtype=dtype,
+                       name=name, **self.module_fields())
 
   def dense_delta(self, inputs, contracted_axes: tuple[int, ...], outputs_shape: tuple[int, ...],
                   kernel_axes: tuple[str, ...] = (), dtype: Any = jnp.float32, task_ids=None,
@@ -116,25 +108,78 @@ class AdapterConfig:
         flat_inputs, task_ids, routing_weights=routing_weights, deterministic=deterministic)
     return delta.reshape(outputs_shape)
 
-  def router_param_count(self) -> int:
-    """One router's skill logits, ``T·H·S`` (per layer, or once when ``shared_router``)."""
-    return self.n_tasks * self.routing_heads * self.n_skills if self.routed else 0
+  def layer_inputs(self) -> dict:
+    """Keyword inputs beyond ``x`` that one layer's adapter takes when counting its params."""
+    return {}
 
   def param_count(self, d_in: int, d_out: int) -> dict[str, int]:
-    """Trainable parameters of one adapted ``d_in -> d_out`` layer, by SPEC's formulas."""
-    r, s, n = self.lora_rank, self.n_skills, self.order
-    counts = {"adapter": 0, "router": 0, "pair_norm": 0}
-    if self.method == "lora":
-      counts["adapter"] = r * (d_in + d_out)
-    elif self.method in ("poly", "mhr"):
-      counts["adapter"] = s * r * (d_in + d_out)
-    else:
-      q_in, q_out = ent.leaf_size(d_in, n), ent.leaf_size(d_out, n)
-      counts["adapter"] = n * s * r * (q_in + q_out)
-      if self.pair_norm == "layernorm" and self.train_pair_norm:
-        positions = ent.num_pairs(n) if self.method == "tensorpoly_ii" else 1
-        counts["pair_norm"] = 2 * r * (q_in**2 + q_out**2) * positions
-    if self.routed and not self.shared_router:
-      counts["router"] = self.router_param_count()
+    """Trainable params of one adapted ``d_in -> d_out`` layer by role, and their ``total``, from
+    the module's own shapes (``jax.eval_shape``; the tests check them against SPEC's formulas)."""
+    module = self.build(d_out)
+    shapes = jax.eval_shape(
+        lambda key: module.init(key, jnp.zeros((1, 1, d_in)), **self.layer_inputs()),
+        jax.random.PRNGKey(0))["params"]
+    counts = dict.fromkeys(param_roles.ROLES[1:], 0)
+    for path, shape in traverse_util.flatten_dict(shapes).items():
+      counts[param_roles.param_role(("adapter", *path))] += math.prod(shape.shape)
     counts["total"] = sum(counts.values())
     return counts
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RoutedConfig(AdapterConfig):
+  """A method that a task router mixes per example: ``n_tasks`` rows of routing logits, one
+  router per layer or, with ``shared_router``, one for the whole model."""
+
+  routed: ClassVar[bool] = True
+
+  n_tasks: int = 1
+  relaxed_bernoulli: bool = False
+  shared_router: bool = False
+
+  def __post_init__(self):
+    super().__post_init__()
+    ent.check_positive(n_tasks=self.n_tasks)
+
+  def with_tasks(self, n_tasks: int) -> "RoutedConfig":
+    return dataclasses.replace(self, n_tasks=n_tasks)
+
+  @property
+  def routing_heads(self) -> int:
+    return 1
+
+  @property
+  def routed_skills(self) -> int:
+    raise NotImplementedError
+
+  def router_param_count(self) -> int:
+    """One router's skill logits, ``T·H·S`` (per layer, or once when ``shared_router``)."""
+    return self.n_tasks * self.routing_heads * self.routed_skills
+
+  def layer_inputs(self) -> dict:
+    task_ids = jnp.zeros((1,), jnp.int32)
+    if self.shared_router:  # the layer gets the shared router's weights and has no router
+      return {"task_ids": task_ids, "routing_weights": jnp.zeros(
+          (1, self.routing_heads, self.routed_skills))}
+    return {"task_ids": task_ids}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TensorFields:
+  """The entangled-tensor fields of TLoRA and TensorPoly: tensor rank R, order N, and the pair
+  LayerNorm (``entangle.entangle``). The reference's released configs (``*_lora_sota.json``) and
+  the paper's counts keep its affines frozen (``train_pair_norm=False``); ``pair_norm_epsilon``
+  is its eps (the reference's 1e-5; ``entangle.entangle`` says why it matters at small widths)."""
+
+  tensor_rank: int = 8
+  order: int = 2
+  pair_norm: str = "layernorm"
+  train_pair_norm: bool = False
+  pair_norm_epsilon: float = ent.PAIR_NORM_EPSILON
+
+  def __post_init__(self):
+    super().__post_init__()
+    ent.check_positive(tensor_rank=self.tensor_rank, order=self.order)
+    ent.check_pair_norm(self.pair_norm, self.order)
+    if not self.pair_norm_epsilon > 0:
+      raise ValueError(f"pair_norm_epsilon must be > 0, got {self.pair_norm_epsilon}.")

@@ -3,14 +3,23 @@ an adapter export holds, which router rows a new task extends, and what T5X's op
 
 Roles: ``backbone`` (the frozen T5), ``lora`` (``lora_a``/``lora_b`` of LoRA, Poly, MHR),
 ``leaf`` (tensor leaves of TLoRA and TensorPoly), ``norm`` (trainable pair-LayerNorm affines),
-``router`` (task routers' skill logits).
+``router`` (task routers' skill logits). The module that creates an adapter param declares its
+role (``declare``).
 """
 from __future__ import annotations
 
 ADAPTER_MODULES = ("adapter", "shared_router")  # every adapter / router param lives under one
 ROLES = ("backbone", "lora", "leaf", "norm", "router")
-_ADAPTER_ROLES = {"lora_a": "lora", "lora_b": "lora", "leaves": "leaf", "norm_scale": "norm",
-                  "norm_bias": "norm", "skill_logits": "router"}
+_ADAPTER_ROLES: dict[str, str] = {}
+
+
+def declare(**roles: str) -> None:
+  """Gives each adapter param name (``lora_a="lora"``) its role."""
+  for name, role in roles.items():
+    if role not in ROLES[1:]:
+      raise ValueError(f"param {name!r}: role {role!r} is not one of {ROLES[1:]}.")
+    if _ADAPTER_ROLES.setdefault(name, role) != role:
+      raise ValueError(f"param {name!r} is declared {_ADAPTER_ROLES[name]!r} and {role!r}.")
 
 
 def param_role(path: tuple[str, ...]) -> str:
@@ -21,8 +30,8 @@ def param_role(path: tuple[str, ...]) -> str:
   try:
     return _ADAPTER_ROLES[path[-1]]
   except KeyError:
-    raise ValueError(f"adapter param {'/'.join(path)} has no role: name it one of"
-                     f" {sorted(_ADAPTER_ROLES)} (tensorpoly_jax/param_roles.py).") from None
+    raise ValueError(f"adapter param {'/'.join(path)} has no role: declare it with"
+                     f" param_roles.declare (known: {sorted(_ADAPTER_ROLES)}).") from None
 
 
 def is_adapter_path(path: tuple[str, ...]) -> bool:

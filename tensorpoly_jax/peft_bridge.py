@@ -19,7 +19,7 @@ import numpy as np
 from flax import traverse_util
 
 from tensorpoly_jax import paths
-from tensorpoly_jax.methods import AdapterConfig
+from tensorpoly_jax.methods import AdapterConfig, adapter_config, from_dict
 from tensorpoly_jax.routing import Router
 from tensorpoly_jax.t5 import convert
 from tensorpoly_jax.t5.model import T5Config, config_from_dict
@@ -87,7 +87,7 @@ def to_peft(adapter_params, meta: dict, task_id: int | None = None,
   """``(adapter_config, tensors)`` in PEFT's format for an ``export_adapter`` folder's contents.
 
   ``task_id`` (default: an adapted export's own task) exports that task's LoRA."""
-  adapter = AdapterConfig(**meta["adapter"])
+  adapter = from_dict(meta["adapter"])
   if "model" not in meta:
     raise PeftFormatError("the adapter's adapter_config.json has no 'model' config (written by an"
                           " older tensorpoly); export it again with this version.")
@@ -105,7 +105,7 @@ def to_peft(adapter_params, meta: dict, task_id: int | None = None,
         " no adapter type for. Export one task as the rank-r LoRA it builds: --task_id=N (0 <="
         f" N < {adapter.n_tasks}, the ids in routing_ids); PEFT formats: LORA (lora, tlora, or"
         " any method for one task) and POLY (poly, mhr).")
-  if not 0 <= task_id < adapter.n_tasks:
+  if adapter.routed and not 0 <= task_id < adapter.n_tasks:
     raise PeftFormatError(f"task_id={task_id} is outside the adapter's {adapter.n_tasks} tasks.")
   routing_weights = _shared_routing(adapter, adapter_params, task_id)
   tensors = {}
@@ -122,7 +122,7 @@ def to_peft(adapter_params, meta: dict, task_id: int | None = None,
 def _shared_routing(adapter: AdapterConfig, adapter_params, task_id: int):
   if not (adapter.routed and adapter.shared_router):
     return None
-  router = Router(adapter.n_tasks, adapter.routing_heads, adapter.n_skills)
+  router = Router(adapter.n_tasks, adapter.routing_heads, adapter.routed_skills)
   return router.apply({"params": adapter_params["shared_router"]}, jnp.array([task_id]))
 
 
@@ -139,7 +139,7 @@ def _to_poly(adapter, adapter_params, modules, shapes, base_model):
         adapter.n_tasks, -1)
   config = _peft_config("POLY", modules, shapes, base_model, r=adapter.lora_rank,
                         n_tasks=adapter.n_tasks, n_skills=adapter.n_skills,
-                        n_splits=adapter.n_splits, poly_type="poly")
+                        n_splits=adapter.routing_heads, poly_type="poly")
   return config, tensors
 
 
@@ -190,7 +190,7 @@ def _features(lora_a: np.ndarray, lora_b: np.ndarray) -> tuple[int, int]:
 
 def from_peft(config: dict, tensors: dict[str, np.ndarray], backbone: T5Config
               ) -> tuple[AdapterConfig, dict]:
-  """``(AdapterConfig, per-layer adapter params)`` of a PEFT LoRA / Poly adapter for ``backbone``."""
+  """``(adapter config, per-layer adapter params)`` of a PEFT LoRA / Poly adapter for ``backbone``."""
   _check_importable(config)
   shapes = kernel_shapes(backbone)
   by_module: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
@@ -209,8 +209,9 @@ def from_peft(config: dict, tensors: dict[str, np.ndarray], backbone: T5Config
               for path, t in by_module.items()}
   else:
     n_tasks, n_splits, n_skills = config["n_tasks"], config["n_splits"], config["n_skills"]
-    adapter_kwargs = dict(method="poly" if n_splits == 1 else "mhr", n_tasks=n_tasks,
-                          n_splits=n_splits, n_skills=n_skills)
+    adapter_kwargs = dict(method="poly", n_tasks=n_tasks, n_skills=n_skills)
+    if n_splits > 1:
+      adapter_kwargs.update(method="mhr", n_splits=n_splits)
     params = {path: {"lora_a": t["poly_lora_A"], "lora_b": t["poly_lora_B"], "router": {
         "skill_logits": t["poly_router.module_logits"].reshape(n_tasks, n_splits, n_skills)}}
               for path, t in by_module.items()}
@@ -222,7 +223,7 @@ def from_peft(config: dict, tensors: dict[str, np.ndarray], backbone: T5Config
           f"{convert.hf_module_name(path)} maps {got[0]} -> {got[1]} features in the adapter but"
           f" {d_in} -> {d_out} in the backbone: the adapter was trained on another base model.")
   targets = "|".join(re.escape("/".join(path)) for path in sorted(params))
-  adapter = AdapterConfig(lora_rank=rank, targets=targets, **adapter_kwargs)
+  adapter = adapter_config(lora_rank=rank, targets=targets, **adapter_kwargs)
   nested = traverse_util.unflatten_dict(
       {path + ("adapter",) + key: value for path, layer in params.items()
        for key, value in traverse_util.flatten_dict(layer).items()})

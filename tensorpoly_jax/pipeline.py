@@ -14,7 +14,7 @@ from flax.core import unfreeze
 
 from tensorpoly_jax import checkpoints, evaluation, metrics, partitioning, trainer
 from tensorpoly_jax.data import batches, choices, fewshot, tasks
-from tensorpoly_jax.methods import AdapterConfig
+from tensorpoly_jax.methods import AdapterConfig, from_dict
 from tensorpoly_jax.param_roles import param_role
 from tensorpoly_jax.routing import LOGIT_INIT_RANGE
 from tensorpoly_jax.t5 import convert, layout
@@ -57,7 +57,7 @@ def count_params(tree) -> int:
 
 
 def run_meta(stage: str, config: T5Config, routing_ids: dict[str, int]) -> dict:
-  adapter = None if config.adapter is None else dataclasses.asdict(config.adapter)
+  adapter = None if config.adapter is None else config.adapter.to_dict()
   return {"stage": stage, "model": config_to_dict(config), "adapter": adapter,
           "routing_ids": routing_ids}
 
@@ -98,7 +98,7 @@ def pretrain_adapters(model_dir: str, backbone: Backbone, adapter: AdapterConfig
                       train: trainer.TrainConfig):
   """Multi-task adapter pretraining: every mixture task is a routing task. Exports the adapter."""
   routing_ids = tasks.routing_ids(tasks.mixture_task_names(mixture))
-  config = backbone.config.replace(adapter=dataclasses.replace(adapter, n_tasks=len(routing_ids)))
+  config = backbone.config.replace(adapter=adapter.with_tasks(len(routing_ids)))
   model = EncoderDecoder(config)
   params = merge_params(init_params(model, train.seed, adapters_only=True), backbone.params)
   stream = lambda start: batches.lm_batches(
@@ -136,7 +136,7 @@ def adapt(model_dir: str, backbone: Backbone, adapter_dir: str, task_name: str, 
   routing_ids = dict(meta["routing_ids"])
   task_id = len(routing_ids)
   routing_ids[task_name] = task_id
-  adapter = AdapterConfig(**{**meta["adapter"], "n_tasks": task_id + 1})
+  adapter = from_dict(meta["adapter"]).with_tasks(task_id + 1)
   config = backbone.config.replace(adapter=adapter)
   model = EncoderDecoder(config)
   adapter_params = layout.to_layout(add_router_row(adapter_params, seed), config.scan_layers)

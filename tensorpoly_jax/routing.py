@@ -11,12 +11,14 @@ import numpy as np
 from flax import linen as nn
 from flax.linen import partitioning
 
+from tensorpoly_jax import param_roles
 from tensorpoly_jax.entangle import check_positive
 
 # Keeps the normalization finite if every sigmoid underflows (matches the reference's EPS).
 NORMALIZE_EPSILON = 1e-12
 LOGIT_INIT_RANGE = 1e-3
 ROUTING_RNG = "routing"
+param_roles.declare(skill_logits="router")
 
 
 def uniform_init(bound: float):

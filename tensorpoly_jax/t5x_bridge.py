@@ -29,7 +29,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
       " (tensorpoly_jax's own trainer and `tensorpoly` CLI do not)."
   ) from err
 
-from tensorpoly_jax import configurables  # noqa: F401 (configs/adapters/*.gin bind AdapterConfig)
+from tensorpoly_jax import configurables  # noqa: F401 (configs/adapters/*.gin bind the method configs)
 from tensorpoly_jax.data.tasks import TASK_FEATURE, RoutedEncDecFeatureConverter
 from tensorpoly_jax.methods import AdapterConfig
 from tensorpoly_jax.param_roles import ADAPTER_MODULES, is_adapter_path

@@ -21,6 +21,12 @@ if _CACHE_OWNER:
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
+def pytest_collection_modifyitems(items):
+  # The long end-to-end runs first: the many short tests then keep both xdist workers busy to the
+  # end, instead of one worker finishing a long run alone.
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_unconfigure(config):
   if _CACHE_OWNER and not hasattr(config, "workerinput"):
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -1,3 +1,4 @@
+import collections
 import dataclasses
 import math
 
@@ -9,19 +10,27 @@ import torch
 from flax import traverse_util
 from flax.core import unfreeze
 
-from tensorpoly_jax.methods import AdapterConfig
+from tensorpoly_jax import entangle as ent
+from tensorpoly_jax.adapters import (LoRAConfig, MHRConfig, PolyConfig, TensorPolyIConfig,
+                                     TensorPolyIIConfig, TLoRAConfig)
+from tensorpoly_jax.methods import adapter_config
 from tensorpoly_jax.routing import Router
 from tensorpoly_jax.t5.layers import DenseGeneral
 from tensorpoly_jax.t5.model import EncoderDecoder, abstract_variables, preset, split_params
 from tests import numpy_reference as ref
+from tests.small_adapters import small_adapter
 
 D_IN, D_OUT, TOKENS, TASKS = 12, 20, 5, 4
+
+
+def routed_tasks(config) -> int:
+  return config.n_tasks if config.routed else 1
 
 
 def init_layer(config, batch=3, seed=0, randomize=True):
   layer = DenseGeneral(D_OUT, kernel_axes=("embed", "mlp"), adapter=config)
   x = jax.random.normal(jax.random.PRNGKey(seed), (batch, TOKENS, D_IN))
-  task_ids = jnp.arange(batch) % config.n_tasks
+  task_ids = jnp.arange(batch) % routed_tasks(config)
   params = unfreeze(layer.init(jax.random.PRNGKey(seed + 1), x, task_ids)["params"])
   if randomize:  # non-zero B and distinct routing rows, so every part of the adapter matters
     flat = traverse_util.flatten_dict(params)
@@ -55,7 +64,7 @@ def test_lora_matches_peft():
   from peft import LoraConfig
   from peft.tuners.lora import layer as lora_layer
 
-  config = AdapterConfig("lora", lora_rank=4, targets=".*")
+  config = LoRAConfig(lora_rank=4, targets=".*")
   layer, params, x, _ = init_layer(config)
   peft_layer = lora_layer.Linear(torch_base(params), "default", LoraConfig(r=4, lora_alpha=1),
                                  r=4, lora_alpha=1)  # PEFT scales by alpha / r: alpha=1 is SPEC's 1/r
@@ -71,7 +80,7 @@ def test_poly_and_mhr_match_peft_poly(method, splits):
   from peft import PolyConfig
   from peft.tuners.poly import layer as poly_layer
 
-  config = AdapterConfig(method, lora_rank=3, n_tasks=TASKS, n_skills=5, n_splits=splits,
+  config = small_adapter(method, lora_rank=3, n_tasks=TASKS, skills=5, splits=splits,
                          targets=".*")
   layer, params, x, task_ids = init_layer(config, batch=6)
   adapter = params["adapter"]
@@ -126,7 +135,7 @@ def reference_tensor_output(config, params, x, task_ids):
     (1, "none", 1e-5), (2, "layernorm", 1e-5), (3, "none", 1e-5), (4, "layernorm", 1e-5),
     (2, "none", 1e-5), (2, "layernorm", 0.1)])
 def test_tensor_adapters_match_numpy_loops(method, order, pair_norm, epsilon):
-  config = AdapterConfig(method, lora_rank=2, n_tasks=TASKS, n_skills=3, order=order,
+  config = small_adapter(method, lora_rank=2, n_tasks=TASKS, skills=3, order=order,
                          pair_norm=pair_norm, pair_norm_epsilon=epsilon, targets=".*")
   layer, params, x, task_ids = init_layer(config, batch=4)
   np.testing.assert_allclose(layer.apply({"params": params}, x, task_ids),
@@ -136,18 +145,18 @@ def test_tensor_adapters_match_numpy_loops(method, order, pair_norm, epsilon):
 
 # ---------------------------------------------------------------- behaviour shared by all methods
 
-ALL = [AdapterConfig("lora", lora_rank=2, targets=".*"),
-       AdapterConfig("tlora", lora_rank=2, n_skills=2, targets=".*"),
-       AdapterConfig("poly", lora_rank=2, n_tasks=TASKS, targets=".*"),
-       AdapterConfig("mhr", lora_rank=2, n_tasks=TASKS, n_splits=4, targets=".*"),
-       AdapterConfig("tensorpoly_i", lora_rank=2, n_tasks=TASKS, targets=".*"),
-       AdapterConfig("tensorpoly_ii", lora_rank=2, n_tasks=TASKS, order=4, targets=".*")]
+ALL = [LoRAConfig(lora_rank=2, targets=".*"),
+       TLoRAConfig(lora_rank=2, tensor_rank=2, targets=".*"),
+       PolyConfig(lora_rank=2, n_tasks=TASKS, targets=".*"),
+       MHRConfig(lora_rank=2, n_tasks=TASKS, n_splits=4, targets=".*"),
+       TensorPolyIConfig(lora_rank=2, n_tasks=TASKS, targets=".*"),
+       TensorPolyIIConfig(lora_rank=2, n_tasks=TASKS, order=4, targets=".*")]
 
 
 @pytest.mark.parametrize("config", ALL, ids=lambda c: c.method)
 def test_mixed_task_batch_equals_each_example_alone(config):
   layer, params, x, _ = init_layer(config, batch=6)
-  task_ids = jnp.array([3, 0, 3, 1, 2, 0]) % config.n_tasks
+  task_ids = jnp.array([3, 0, 3, 1, 2, 0]) % routed_tasks(config)
   batched = layer.apply({"params": params}, x, task_ids)
   for b in range(6):
     alone = layer.apply({"params": params}, x[b:b + 1], task_ids[b:b + 1])
@@ -170,18 +179,45 @@ def test_zero_initialized_b_leaves_layer_unchanged(config):
 
 TRAINED_PAIR_NORMS = [dataclasses.replace(c, train_pair_norm=True) for c in ALL
                       if c.method in ("tensorpoly_i", "tensorpoly_ii")]
+SHARED_ROUTERS = [dataclasses.replace(c, shared_router=True) for c in ALL if c.routed]
 
 
-@pytest.mark.parametrize("config", ALL + TRAINED_PAIR_NORMS,
-                         ids=lambda c: c.method + ("+norms" if c.train_pair_norm else ""))
-def test_param_count_formula_matches_initialized_params(config):
-  _, params, _, _ = init_layer(config, randomize=False)
-  adapter = params["adapter"]
-  actual = sum(v.size for v in jax.tree_util.tree_leaves(adapter))
-  router = sum(v.size for v in jax.tree_util.tree_leaves(adapter.get("router", {})))
+def spec_param_count(config, d_in: int, d_out: int) -> dict[str, int]:
+  """SPEC's formulas for one adapted ``d_in -> d_out`` layer's trainable params, by role."""
+  r = config.lora_rank
+  counts = {"lora": 0, "leaf": 0, "norm": 0, "router": 0}
+  if config.method == "lora":
+    counts["lora"] = r * (d_in + d_out)
+  elif config.method in ("poly", "mhr"):
+    counts["lora"] = config.n_skills * r * (d_in + d_out)
+  else:
+    n, rank = config.order, config.tensor_rank
+    q_in, q_out = ent.leaf_size(d_in, n), ent.leaf_size(d_out, n)
+    counts["leaf"] = n * rank * r * (q_in + q_out)
+    if config.pair_norm == "layernorm" and config.train_pair_norm:
+      positions = ent.num_pairs(n) if config.method == "tensorpoly_ii" else 1
+      counts["norm"] = 2 * r * (q_in**2 + q_out**2) * positions
+  if config.routed and not config.shared_router:
+    heads = (config.n_splits if config.method == "mhr" else
+             config.order if config.method == "tensorpoly_ii" else 1)
+    skills = config.tensor_rank if config.method.startswith("tensorpoly") else config.n_skills
+    counts["router"] = config.n_tasks * heads * skills
+  return {**counts, "total": sum(counts.values())}
+
+
+@pytest.mark.parametrize("config", ALL + TRAINED_PAIR_NORMS + SHARED_ROUTERS,
+                         ids=lambda c: c.method + ("+norms" if getattr(c, "train_pair_norm", 0)
+                                                   else "+shared" if c.routed and c.shared_router
+                                                   else ""))
+def test_param_count_equals_spec_formulas_and_initialized_params(config):
   counts = config.param_count(D_IN, D_OUT)
-  assert counts["total"] == actual
-  assert counts["router"] == router
+  assert counts == spec_param_count(config, D_IN, D_OUT)
+  if not (config.routed and config.shared_router):  # a shared router lives outside the layer
+    _, params, _, _ = init_layer(config, randomize=False)
+    adapter = params["adapter"]
+    assert counts["total"] == sum(v.size for v in jax.tree_util.tree_leaves(adapter))
+    assert counts["router"] == sum(v.size for v in jax.tree_util.tree_leaves(
+        adapter.get("router", {})))
 
 
 def t0_3b_layers():
@@ -192,13 +228,16 @@ def t0_3b_layers():
   return encoder * 24 + decoder * 24
 
 
+def t0_3b_total(config) -> int:
+  return sum(count * config.param_count(*shape)["total"]
+             for shape, count in collections.Counter(t0_3b_layers()).items())
+
+
 def test_paper_parameter_counts_on_t0_3b():
   layers = t0_3b_layers()
   assert len(layers) == 432
-  lora = AdapterConfig("lora", lora_rank=1)
-  tlora = AdapterConfig("tlora", lora_rank=16, n_skills=1, order=2)
-  assert sum(lora.param_count(*shape)["total"] for shape in layers) == 2_211_840
-  assert sum(tlora.param_count(*shape)["total"] for shape in layers) == 1_391_616
+  assert t0_3b_total(LoRAConfig(lora_rank=1)) == 2_211_840
+  assert t0_3b_total(TLoRAConfig(lora_rank=16, tensor_rank=1, order=2)) == 1_391_616
 
 
 @pytest.mark.parametrize("method,leaves,paper", [
@@ -209,24 +248,23 @@ def test_t0_3b_counts_reproduce_the_paper(method, leaves, paper):
   routers for the 318 training tasks: leaves and routers only, no pair-norm affines (frozen in
   the reference's released configs for both methods)."""
   for order in (2, 4):
-    adapter = AdapterConfig(method, lora_rank=16, n_skills=8, order=order, n_tasks=318)
+    adapter = adapter_config(method, lora_rank=16, tensor_rank=8, order=order, n_tasks=318)
     variables = abstract_variables(EncoderDecoder(preset("t0_3b", adapter=adapter)))
     flat = traverse_util.flatten_dict(split_params(variables["params"])[0])
     counted = {kind: sum(math.prod(v.shape) for k, v in flat.items() if k[-1] == kind)
                for kind in ("leaves", "skill_logits", "norm_scale")}
     assert counted["leaves"] == leaves[order] and counted["norm_scale"] == 0
     assert round(sum(math.prod(v.shape) for v in flat.values()) / 1e6, 1) == paper[order]
-    total = sum(adapter.param_count(*shape)["total"] for shape in t0_3b_layers())
-    assert total == sum(math.prod(v.shape) for v in flat.values())  # SPEC's formulas agree
+    assert t0_3b_total(adapter) == sum(math.prod(v.shape) for v in flat.values())
 
 
 def test_pair_norm_affines_train_only_when_asked():
   for method in ("tensorpoly_i", "tensorpoly_ii"):
-    config = AdapterConfig(method, lora_rank=2, n_tasks=2, order=4, targets=".*")
+    config = adapter_config(method, lora_rank=2, n_tasks=2, order=4, targets=".*")
     _, params, _, _ = init_layer(config, randomize=False)
     assert "norm_scale" not in params["adapter"]["a"]  # the reference's: identity affine
-  config = AdapterConfig("tensorpoly_ii", lora_rank=2, n_tasks=2, order=4, targets=".*",
-                         train_pair_norm=True)
+  config = TensorPolyIIConfig(lora_rank=2, n_tasks=2, order=4, targets=".*",
+                              train_pair_norm=True)
   _, params, _, _ = init_layer(config, randomize=False)
   assert params["adapter"]["a"]["norm_scale"].shape == (2, 2, 2 * 2)  # one per pair position
 
@@ -236,7 +274,11 @@ def test_pair_norm_affines_train_only_when_asked():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(method="tensorpoly_i", order=0), "order must be an integer >= 1, got 0"),
-    (dict(method="tensorpoly_i", n_skills=0), "n_skills must be an integer >= 1, got 0"),
+    (dict(method="tensorpoly_i", tensor_rank=0), "tensor_rank must be an integer >= 1, got 0"),
+    (dict(method="poly", n_skills=0), "n_skills must be an integer >= 1, got 0"),
+    (dict(method="poly", n_tasks=0), "n_tasks must be an integer >= 1, got 0"),
+    (dict(method="poly", order=2), r"poly has no field\(s\) \['order'\]"),
+    (dict(method="tlora", n_tasks=2), r"tlora has no field\(s\) \['n_tasks'\]"),
     (dict(method="mhr", n_splits=0), "n_splits must be an integer >= 1, got 0"),
     (dict(method="lora", lora_rank=0), "lora_rank must be an integer >= 1, got 0"),
     (dict(method="tensorpoly_ii", order=3), "even order N, got N=3"),
@@ -246,15 +288,15 @@ def test_pair_norm_affines_train_only_when_asked():
 ])
 def test_bad_config_names_value_and_range(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    AdapterConfig(**kwargs)
+    adapter_config(**kwargs)
 
 
 def test_order_three_without_norm_is_fine():
-  AdapterConfig("tensorpoly_ii", order=3, pair_norm="none")
+  TensorPolyIIConfig(order=3, pair_norm="none")
 
 
 def test_d_in_not_divisible_by_heads():
-  config = AdapterConfig("mhr", n_splits=5, n_tasks=2, targets=".*")
+  config = MHRConfig(n_splits=5, n_tasks=2, targets=".*")
   with pytest.raises(ValueError, match="d_in=12 is not divisible by n_splits=5"):
     init_layer(config)
 
@@ -284,6 +326,6 @@ def test_relaxed_bernoulli_samples_in_training_and_is_sigmoid_in_eval():
 
 
 def test_adapter_targets_select_layers_by_path():
-  config = AdapterConfig("lora", targets=r".*/query$")
+  config = LoRAConfig(targets=r".*/query$")
   assert config.matches("encoder/layers_0/attention/query")
   assert not config.matches("encoder/layers_0/mlp/wi_0")

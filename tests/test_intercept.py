@@ -6,9 +6,10 @@ import pytest
 from flax import linen as nn
 from flax import traverse_util
 
+from tensorpoly_jax.adapters import LoRAConfig, PolyConfig
 from tensorpoly_jax.intercept import inject_adapters
-from tensorpoly_jax.methods import AdapterConfig
 from tensorpoly_jax.t5.model import EncoderDecoder, preset
+from tests.small_adapters import small_adapter
 
 
 def _tokens(seed, shape):
@@ -17,7 +18,7 @@ def _tokens(seed, shape):
 
 @pytest.mark.parametrize("method", ["poly", "tensorpoly_ii"])
 def test_injected_t5_equals_t5_built_with_the_adapter(method):
-  adapter = AdapterConfig(method, lora_rank=2, n_tasks=3, n_skills=4, order=2)
+  adapter = small_adapter(method, lora_rank=2, n_tasks=3, skills=4, order=2)
   small = dict(num_encoder_layers=1, num_decoder_layers=1)
   built = EncoderDecoder(preset("tiny", adapter=adapter, **small))
   plain = EncoderDecoder(preset("tiny", **small))
@@ -67,7 +68,7 @@ class Tower(nn.Module):
 
 
 def test_lora_injected_into_a_flax_model_matches_numpy():
-  adapter = AdapterConfig("lora", lora_rank=2, targets=r"split|merge")
+  adapter = LoRAConfig(lora_rank=2, targets=r"split|merge")
   x = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (2, 3, 6)))
   with inject_adapters(adapter):
     params = Tower().init(jax.random.PRNGKey(0), x)["params"]
@@ -93,9 +94,9 @@ def test_lora_injected_into_a_flax_model_matches_numpy():
 def test_routed_adapter_needs_task_ids_and_a_plain_model():
   x = jnp.ones((2, 3, 6))
   with pytest.raises(ValueError, match="pass task_ids"):
-    with inject_adapters(AdapterConfig("poly", n_tasks=2, targets="split")):
+    with inject_adapters(PolyConfig(n_tasks=2, targets="split")):
       Tower().init(jax.random.PRNGKey(0), x)
-  adapter = AdapterConfig("lora", lora_rank=2, targets=".*attention/query")
+  adapter = LoRAConfig(lora_rank=2, targets=".*attention/query")
   model = EncoderDecoder(preset("tiny", adapter=adapter))
   tokens = jnp.ones((1, 4), jnp.int32)
   with pytest.raises(ValueError, match="already carries an adapter"):

@@ -11,8 +11,9 @@ import zipfile
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-LAYER_MODULES = ["entangle.py", "routing.py", "adapters.py", "methods.py", "partitioning.py",
-                 "t5/layers.py"]
+LAYER_MODULES = ["entangle.py", "routing.py", "param_roles.py", "methods.py", "partitioning.py",
+                 "t5/layers.py", *(f"adapters/{name}.py" for name in
+                                   ("__init__", "base", "lora", "poly", "tensor"))]
 ALLOWED_ROOTS = {"jax", "flax", "numpy", "math", "numbers", "dataclasses", "re", "typing",
                  "__future__", "tensorpoly_jax"}
 
@@ -57,8 +58,6 @@ def test_adapter_layer_benchmark_runs_quick(tmp_path):
   payload = json.loads(out.read_text())
   rows, size = payload["rows"], payload["size"]
   assert set(rows) == {"frozen", "lora", "tlora", "poly", "mhr", "tensorpoly_i", "tensorpoly_ii"}
-  from tensorpoly_jax.methods import AdapterConfig
-
   spec = importlib.util.spec_from_file_location("adapter_layer",
                                                 ROOT / "benchmarks" / "adapter_layer.py")
   adapter_layer = importlib.util.module_from_spec(spec)
@@ -67,8 +66,8 @@ def test_adapter_layer_benchmark_runs_quick(tmp_path):
   for name, row in rows.items():
     assert row["seconds"] > 0
     assert row["ratio"] == pytest.approx(row["seconds"] / rows["frozen"]["seconds"])
-    if name != "frozen":  # the params of the layer it timed, by SPEC's formulas
-      config = AdapterConfig(**{**adapter_layer.METHODS[name].__dict__, "n_tasks": size["n_tasks"]})
+    if name != "frozen":  # the params of the layer it timed
+      config = adapter_layer.METHODS[name].with_tasks(size["n_tasks"])
       assert row["adapter_params"] == config.param_count(size["d_in"], size["d_out"])["total"]
 
 

@@ -8,17 +8,16 @@ import torch
 from flax import traverse_util
 
 from tensorpoly_jax import checkpoints, cli, methods, peft_bridge, pipeline
-from tensorpoly_jax.methods import AdapterConfig
+from tensorpoly_jax.adapters import TensorPolyIIConfig
 from tensorpoly_jax.t5 import convert, scoring
 from tensorpoly_jax.t5.model import merge_params, split_params
 from tests.test_t5 import (assert_logits_match, flax_logits, hf_model, random_batch, save_untied,
                            with_adapter)
+from tests.small_adapters import small_adapter
 
 peft = pytest.importorskip("peft")
 
-SIZES = {"lora": {}, "tlora": dict(n_skills=2), "poly": dict(n_tasks=3, n_skills=4),
-         "mhr": dict(n_tasks=3, n_skills=4, n_splits=2),
-         "tensorpoly_i": dict(n_tasks=3, n_skills=2), "tensorpoly_ii": dict(n_tasks=3, n_skills=2)}
+SKILLS = {"lora": 1, "tlora": 2, "poly": 4, "mhr": 4, "tensorpoly_i": 2, "tensorpoly_ii": 2}
 TASK_IDS = np.array([0, 2, 1])
 
 
@@ -61,7 +60,7 @@ def trained(adapter_params, seed=0):
 @pytest.mark.parametrize("method", sorted(methods.METHODS))
 def test_export_loads_in_peft_with_our_logits(method, converted, tmp_path):
   hf, config, backbone = converted
-  config = config.replace(adapter=AdapterConfig(method, lora_rank=2, **SIZES[method]))
+  config = config.replace(adapter=small_adapter(method, n_tasks=3, skills=SKILLS[method]))
   adapter_params = trained(split_params(with_adapter(config, backbone))[0])
   params = merge_params(adapter_params, backbone)
   export = checkpoints.export_adapter(str(tmp_path), "adapter", adapter_params,
@@ -116,7 +115,7 @@ def test_peft_adapter_imports_with_peft_logits(kind, converted, tmp_path):
   assert cli.main(argv) == 0
 
   adapter_params, meta = checkpoints.load_adapter(str(tmp_path / "imported"))
-  adapter = AdapterConfig(**meta["adapter"])
+  adapter = methods.from_dict(meta["adapter"])
   assert adapter.method == {"lora": "lora", "rslora": "lora", "poly": "poly", "mhr": "mhr"}[kind]
   adapted = [p for p in traverse_util.flatten_dict(adapter_params) if "lora_a" in p]
   assert len(adapted) == 2 * (3 + 2) + 3 * (3 + 3 + 2)  # q, v, o per attention; wi_0, wo per MLP
@@ -130,7 +129,7 @@ def test_peft_adapter_imports_with_peft_logits(kind, converted, tmp_path):
 
 def test_multi_task_tensor_adapter_names_the_peft_formats(converted, tmp_path):
   _, config, backbone = converted
-  config = config.replace(adapter=AdapterConfig("tensorpoly_ii", lora_rank=2, n_tasks=3, n_skills=2))
+  config = config.replace(adapter=TensorPolyIIConfig(lora_rank=2, n_tasks=3, tensor_rank=2))
   adapter_params = split_params(with_adapter(config, backbone))[0]
   meta = pipeline.run_meta("pretrain", config, {})
   with pytest.raises(peft_bridge.PeftFormatError, match=r"--task_id=N.*LORA.*POLY"):

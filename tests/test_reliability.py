@@ -15,9 +15,11 @@ import pytest
 
 from tensorpoly_jax import checkpoints, pipeline, trainer
 from tensorpoly_jax.data import choices, embedded, tasks
-from tensorpoly_jax.methods import AdapterConfig
+from tensorpoly_jax.adapters import LoRAConfig
+from tensorpoly_jax.methods import adapter_config
 from tensorpoly_jax.optimizers import OptimizerConfig
 from tensorpoly_jax.t5.layers import DenseGeneral
+from tests.small_adapters import small_adapter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = embedded.Sizes(20, 2, 24, 12)
@@ -37,7 +39,7 @@ def backbone(tiny_backbone_dir):
 
 
 def pretrain(model_dir, backbone, config, adapter=None):
-  adapter = adapter or AdapterConfig("lora", lora_rank=2)
+  adapter = adapter or LoRAConfig(lora_rank=2)
   loaded = pipeline.load_backbone(backbone, mesh=config.make_mesh())
   return pipeline.pretrain_adapters(str(model_dir), loaded, adapter, tasks.EMBEDDED_TRAIN, config)
 
@@ -60,7 +62,7 @@ def test_checkpoint_of_another_configuration_is_refused_before_any_step(backbone
   pretrain(tmp_path, backbone, small(steps=2, checkpoint_every=2))
   with pytest.raises(checkpoints.CheckpointMismatchError,
                      match=r"different 'adapter': lora_rank: checkpoint 2 vs run 4"):
-    pretrain(tmp_path, backbone, small(steps=4), AdapterConfig("lora", lora_rank=4))
+    pretrain(tmp_path, backbone, small(steps=4), LoRAConfig(lora_rank=4))
   assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2"]
 
 
@@ -122,6 +124,7 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
 # ---------------------------------------------------------------- fuzz: shapes and routing inputs
 
 METHODS = ["lora", "tlora", "poly", "mhr", "tensorpoly_i", "tensorpoly_ii"]
+TENSOR = ("tlora", "tensorpoly_i", "tensorpoly_ii")
 
 
 @st.composite
@@ -135,10 +138,11 @@ def valid_layers(draw):
   d_out = splits * draw(st.integers(1, 8))
   pair_norm = draw(st.sampled_from(["none", "layernorm"]))
   order = draw(st.sampled_from([2, 4] if pair_norm == "layernorm" else [1, 2, 3, 5]))
-  config = AdapterConfig(method, lora_rank=draw(st.integers(1, 3)), n_tasks=draw(st.integers(1, 3)),
-                         n_skills=draw(st.integers(1, 3)), n_splits=splits, order=order,
-                         pair_norm=pair_norm, targets=".*")
-  task_ids = draw(st.lists(st.integers(0, config.n_tasks - 1), min_size=1, max_size=3))
+  n_tasks = draw(st.integers(1, 3))
+  config = small_adapter(method, lora_rank=draw(st.integers(1, 3)), n_tasks=n_tasks,
+                         skills=draw(st.integers(1, 3)), splits=splits, order=order,
+                         **({"pair_norm": pair_norm} if method in TENSOR else {}), targets=".*")
+  task_ids = draw(st.lists(st.integers(0, n_tasks - 1), min_size=1, max_size=3))
   return config, d_in, d_out, np.asarray(task_ids, np.int32)
 
 
@@ -160,7 +164,7 @@ def test_valid_adapters_stay_finite_at_any_input_scale(layer, scale):
     (dict(method="tensorpoly_i", n_tasks=2), 6, [-1], r"task ids \[-1\] are outside"),
 ])
 def test_a_layer_the_config_cannot_serve_is_named(kwargs, d_in, task_ids, match):
-  config = AdapterConfig(lora_rank=2, targets=".*", **kwargs)
+  config = adapter_config(lora_rank=2, targets=".*", **kwargs)
   dense = DenseGeneral(6, adapter=config)
   x = np.ones((len(task_ids), 2, d_in), np.float32)
   with pytest.raises(ValueError, match=match):

@@ -8,14 +8,14 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 from tensorpoly_jax import checkpoints, partitioning, pipeline
-from tensorpoly_jax.methods import AdapterConfig
+from tensorpoly_jax.adapters import LoRAConfig, MHRConfig, TensorPolyIIConfig
 from tensorpoly_jax.t5 import convert, layout
 from tensorpoly_jax.t5.model import (EncoderDecoder, RunOptions, abstract_variables, preset,
                                      split_params)
 
-ADAPTERS = [AdapterConfig("lora", lora_rank=2),
-            AdapterConfig("mhr", lora_rank=2, n_tasks=3, n_skills=4, n_splits=2),
-            AdapterConfig("tensorpoly_ii", lora_rank=2, n_tasks=3, n_skills=4, order=2)]
+ADAPTERS = [LoRAConfig(lora_rank=2),
+            MHRConfig(lora_rank=2, n_tasks=3, n_skills=4, n_splits=2),
+            TensorPolyIIConfig(lora_rank=2, n_tasks=3, tensor_rank=4, order=2)]
 
 
 def _batch():
@@ -85,7 +85,7 @@ def test_layout_round_trip_and_logical_axes():
 def test_scanned_layers_refuse_per_layer_targets():
   with pytest.raises(ValueError, match="name single layers.*scan_layers=False"):
     preset("tiny", scan_layers=True,
-           adapter=AdapterConfig("lora", targets=r"encoder/layers_0/attention/query"))
+           adapter=LoRAConfig(targets=r"encoder/layers_0/attention/query"))
   with pytest.raises(ValueError, match="remat='some'.*choose one of"):
     preset("tiny", remat="some")
   assert preset("t0_3b").scan_layers and not preset("t5_1_1_large").scan_layers

@@ -6,8 +6,9 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tensorpoly_jax import partitioning
-from tensorpoly_jax.methods import AdapterConfig
+from tensorpoly_jax.adapters import PolyConfig
 from tensorpoly_jax.t5.layers import DenseGeneral
+from tests.small_adapters import small_adapter
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 
@@ -18,8 +19,7 @@ def loss_fn(layer, params, x, task_ids):
 
 @pytest.mark.parametrize("method", ["lora", "mhr", "tensorpoly_ii"])
 def test_sharded_forward_and_grad_equal_single_device(method):
-  config = AdapterConfig(method, lora_rank=2, n_tasks=3, n_splits=2 if method == "mhr" else 1,
-                         targets=".*")
+  config = small_adapter(method, lora_rank=2, n_tasks=3, skills=8, targets=".*")
   layer = DenseGeneral(16, kernel_axes=("embed", "mlp"), adapter=config)
   x = jax.random.normal(jax.random.PRNGKey(0), (8, 4, 12))
   task_ids = jnp.arange(8) % 3
@@ -57,7 +57,7 @@ def test_sharded_forward_and_grad_equal_single_device(method):
 
 
 def test_logical_specs_come_from_params_axes():
-  config = AdapterConfig("poly", lora_rank=2, n_tasks=3, targets=".*")
+  config = PolyConfig(lora_rank=2, n_tasks=3, targets=".*")
   layer = DenseGeneral(16, kernel_axes=("embed", "mlp"), adapter=config)
   variables = layer.init(jax.random.PRNGKey(0), jnp.ones((2, 3, 12)), jnp.array([0, 1]))
   specs = partitioning.logical_specs(variables)

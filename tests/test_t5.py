@@ -12,11 +12,12 @@ import transformers
 from flax import traverse_util
 from safetensors.torch import save_file
 
-from tensorpoly_jax.methods import AdapterConfig
+from tensorpoly_jax.adapters import PolyConfig, TensorPolyIIConfig
 from tensorpoly_jax.t5 import convert, scoring
 from tensorpoly_jax.t5.seq2seq import Seq2SeqModel
 from tensorpoly_jax.t5.model import (PRESETS, EncoderDecoder, is_adapter_path, merge_params,
                                      preset, split_params)
+from tests.small_adapters import small_adapter
 
 TINY_HF = dict(vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3,
                num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
@@ -111,8 +112,7 @@ def with_adapter(config, params, seed=0):
 
 @pytest.mark.parametrize("method", ["lora", "poly", "mhr"])
 def test_zero_b_adapters_leave_logits_unchanged(method, tmp_path):
-  adapter = AdapterConfig(method, lora_rank=2, n_tasks=3, n_skills=2,
-                          n_splits=2 if method == "mhr" else 1)
+  adapter = small_adapter(method, lora_rank=2, n_tasks=3, skills=2)
   config, params = converted_tiny(tmp_path, adapter)
   inputs, targets = random_batch()
   task_ids = jnp.array([0, 1, 2])
@@ -126,7 +126,7 @@ def test_zero_b_adapters_leave_logits_unchanged(method, tmp_path):
 
 @pytest.mark.parametrize("method", ["tlora", "tensorpoly_i", "tensorpoly_ii"])
 def test_gradients_reach_only_adapter_and_router(method, tmp_path):
-  adapter = AdapterConfig(method, lora_rank=2, n_tasks=3, n_skills=2, order=2)
+  adapter = small_adapter(method, lora_rank=2, n_tasks=3, skills=2, order=2)
   config, params = converted_tiny(tmp_path, adapter)
   params = with_adapter(config, params)
   adapter_params, backbone = split_params(params)
@@ -150,7 +150,7 @@ def test_gradients_reach_only_adapter_and_router(method, tmp_path):
 
 
 def test_shared_router_is_one_router_for_all_layers(tmp_path):
-  adapter = AdapterConfig("poly", lora_rank=2, n_tasks=3, n_skills=2, shared_router=True)
+  adapter = PolyConfig(lora_rank=2, n_tasks=3, n_skills=2, shared_router=True)
   config, params = converted_tiny(tmp_path, adapter)
   params = with_adapter(config, params)
   flat = traverse_util.flatten_dict(params)
@@ -160,7 +160,7 @@ def test_shared_router_is_one_router_for_all_layers(tmp_path):
 
 
 def test_reused_encoder_scoring_equals_pairwise(tmp_path):
-  config, params = converted_tiny(tmp_path, AdapterConfig("tensorpoly_ii", lora_rank=2, n_tasks=3))
+  config, params = converted_tiny(tmp_path, TensorPolyIIConfig(lora_rank=2, n_tasks=3))
   params = with_adapter(config, params)
   variables, model = {"params": params}, EncoderDecoder(config)
   inputs, _ = random_batch()

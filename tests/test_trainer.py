@@ -16,7 +16,8 @@ from jax.sharding import PartitionSpec
 
 from tensorpoly_jax import checkpoints, losses, pipeline, trainer
 from tensorpoly_jax.data import batches, embedded, tasks
-from tensorpoly_jax.methods import AdapterConfig
+from tensorpoly_jax.adapters import LoRAConfig, MHRConfig, TensorPolyIConfig
+from tensorpoly_jax.methods import from_dict
 from tensorpoly_jax.optimizers import OptimizerConfig
 from tensorpoly_jax.t5 import convert
 from tensorpoly_jax.t5.model import EncoderDecoder, preset, split_params
@@ -41,15 +42,16 @@ def backbone_dir(tiny_backbone_dir):
 
 
 def pretrain(model_dir, backbone_dir, config, adapter=None):
-  adapter = adapter or AdapterConfig("tensorpoly_i", lora_rank=2, n_skills=4, order=2)
+  adapter = adapter or TensorPolyIConfig(lora_rank=2, tensor_rank=4, order=2)
   backbone = pipeline.load_backbone(backbone_dir, mesh=config.make_mesh())
   return pipeline.pretrain_adapters(str(model_dir), backbone, adapter, tasks.EMBEDDED_TRAIN,
                                     config)
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+@pytest.mark.slow
 def test_mesh_4x2_matches_one_device(backbone_dir, tmp_path):
-  adapter = AdapterConfig("mhr", lora_rank=2, n_skills=4, n_splits=2)
+  adapter = MHRConfig(lora_rank=2, n_skills=4, n_splits=2)
   one, _ = pretrain(tmp_path / "one", backbone_dir, small_train(num_devices=1), adapter)
   many, _ = pretrain(tmp_path / "many", backbone_dir, small_train(model_parallel=2), adapter)
   np.testing.assert_allclose([h["loss"] for h in many.history], [h["loss"] for h in one.history],
@@ -110,7 +112,7 @@ def test_backbone_is_bit_identical_and_has_no_optimizer_state(backbone_dir, tmp_
   rates = scalars["train/learning_rate"]
   assert len(rates) == 5 and rates[0] == pytest.approx(1e-2) and rates[-1] == 0.0
   config = convert.load_converted(backbone_dir)[0]
-  adapter = AdapterConfig("tensorpoly_i", lora_rank=2, n_skills=4, order=2, n_tasks=36)
+  adapter = TensorPolyIConfig(lora_rank=2, tensor_rank=4, order=2, n_tasks=36)
   initial = pipeline.init_params(EncoderDecoder(config.replace(adapter=adapter)), 0, True)
   assert any(not np.allclose(a, b) for a, b in zip(jax.tree_util.tree_leaves(trained_adapter),
                                                   jax.tree_util.tree_leaves(initial)))
@@ -124,7 +126,7 @@ def test_exported_adapter_loads_onto_a_fresh_backbone(backbone_dir, tmp_path):
   backbone_bytes = 4 * sum(v.size for v in jax.tree_util.tree_leaves(backbone))
   size = os.path.getsize(os.path.join(export, checkpoints.ADAPTER_FILE))
   assert size < adapter_bytes + 65536 and size < backbone_bytes / 4  # the adapter only
-  config = config.replace(adapter=AdapterConfig(**meta["adapter"]))
+  config = config.replace(adapter=from_dict(meta["adapter"]))
   model = EncoderDecoder(config)
   tokens = jnp.array([[5, 6, 7, 1]])
   run = lambda p: model.apply({"params": p}, tokens, tokens, tokens, enable_dropout=False,
@@ -135,6 +137,7 @@ def test_exported_adapter_loads_onto_a_fresh_backbone(backbone_dir, tmp_path):
   assert meta["routing_ids"] == tasks.routing_ids(tasks.mixture_task_names(tasks.EMBEDDED_TRAIN))
 
 
+@pytest.mark.slow
 def test_the_same_adaptation_twice_is_bit_identical(backbone_dir, tmp_path):
   """A routed adapter's new task gets the same router rows every time (safetensors hands the
   export back as a dict in no fixed order; the rows used to follow it), so the same command
@@ -153,7 +156,7 @@ def test_the_same_adaptation_twice_is_bit_identical(backbone_dir, tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(backbone_dir, tmp_path, monkeypatch):
   config, backbone = convert.load_converted(backbone_dir)
-  adapter = AdapterConfig("lora", lora_rank=2, n_tasks=36)
+  adapter = LoRAConfig(lora_rank=2)
   model = EncoderDecoder(config.replace(adapter=adapter))
   params = pipeline.init_params(model, 0, adapters_only=True)
   from tensorpoly_jax.t5.model import merge_params

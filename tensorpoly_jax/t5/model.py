@@ -263,7 +263,7 @@ class EncoderDecoder(nn.Module):
     self.decoder = Decoder(cfg, self.token_embedder)
     adapter = cfg.adapter
     shared = adapter is not None and adapter.routed and adapter.shared_router
-    self.shared_router = Router(adapter.n_tasks, adapter.routing_heads, adapter.n_skills,
+    self.shared_router = Router(adapter.n_tasks, adapter.routing_heads, adapter.routed_skills,
                                 relaxed_bernoulli=adapter.relaxed_bernoulli) if shared else None
 
   def routing(self, task_ids, deterministic=True) -> layers.Routing:

@@ -1,0 +1,105 @@
+"""What every adapter module shares: ``(x, routing weights) -> delta``.
+
+``delta = (x A B) / r`` with ``A: [d_in, r]`` and ``B: [r, d_out]``, either shared by the batch
+(LoRA, TLoRA) or mixed per example from a skill inventory by a task router (Poly, MHR,
+TensorPoly-I, TensorPoly-II).
+
+Einsum letters: ``b`` batch, ``t`` tokens, ``d``/``e`` in/out features, ``r`` LoRA rank,
+``h`` routing heads (MHR splits), ``n`` tensor order, ``s`` skills (tensor rank), ``q`` leaf size.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax.linen import partitioning
+
+from tensorpoly_jax import entangle as ent
+from tensorpoly_jax.routing import Router
+
+# kaiming_uniform(a=sqrt(5)) as in torch.nn.Linear / the reference LoRA init.
+LORA_GAIN = math.sqrt(2.0 / (1.0 + 5.0))
+
+
+def kaiming_bound(fan_in: int) -> float:
+  return LORA_GAIN / math.sqrt(fan_in)
+
+
+def xavier_uniform(key, shape, dtype=jnp.float32):
+  """torch.nn.init.xavier_uniform_: fan_in = dim1·receptive, fan_out = dim0·receptive."""
+  receptive = math.prod(shape[2:])
+  bound = math.sqrt(6.0 / (shape[1] * receptive + shape[0] * receptive))
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def low_rank_delta(x: jnp.ndarray, lora_a: jnp.ndarray, lora_b: jnp.ndarray) -> jnp.ndarray:
+  """``(x A B) / r`` for ``x: [b, t, d]``, with A/B shared (``[d, r]``) or per example (``[b, d, r]``)."""
+  rank = lora_a.shape[-1]
+  batched = "b" if lora_a.ndim == 3 else ""
+  # Scaling the rank-sized hidden rather than the [b, t, d_out] delta keeps the scale off the
+  # activation-sized tensor (forward and backward).
+  hidden = jnp.einsum(f"btd,{batched}dr->btr", x, lora_a) / rank
+  return jnp.einsum(f"btr,{batched}re->bte", hidden, lora_b)
+
+
+class Adapter(nn.Module):
+  """Fields shared by every adapter; ``in_axis``/``out_axis`` are the frozen kernel's axis names.
+
+  Subclasses implement ``factors(d_in, task_ids, routing_weights, deterministic) -> (A, B)``.
+  """
+
+  features: int
+  lora_rank: int = 16
+  in_axis: str = "embed"
+  out_axis: str = "embed"
+  dtype: Any = jnp.float32
+
+  def _param(self, name, init, shape, axes):
+    return jnp.asarray(partitioning.param_with_axes(name, init, shape, axes=axes), self.dtype)
+
+  def _flatten_tokens(self, x):
+    """[b, ..., d] -> [b, t, d]; the leading axis is the batch that task ids index."""
+    return jnp.asarray(x, self.dtype).reshape(x.shape[0], -1, x.shape[-1])
+
+  def __call__(self, x, task_ids=None, *, routing_weights=None, deterministic=True):
+    ent.check_positive(features=self.features, lora_rank=self.lora_rank)
+    tokens = self._flatten_tokens(x)
+    lora_a, lora_b = self.factors(tokens.shape[-1], task_ids, routing_weights, deterministic)
+    # float32 pair norms would otherwise promote the delta, and the block, out of bf16 compute.
+    delta = low_rank_delta(tokens, jnp.asarray(lora_a, self.dtype), jnp.asarray(lora_b, self.dtype))
+    return delta.reshape(*x.shape[:-1], self.features)
+
+
+class Routed(Adapter):
+  """An adapter whose A and B are mixed per example by a task router (one per layer by default).
+
+  Subclasses say how many routing heads and skills the router has.
+  """
+
+  n_tasks: int = 1
+  relaxed_bernoulli: bool = False
+
+  def routing_heads(self) -> int:
+    raise NotImplementedError
+
+  def routed_skills(self) -> int:
+    raise NotImplementedError
+
+  def routing(self, task_ids, routing_weights, deterministic):
+    """Routing weights ``[b, h, s]``: given (a router shared across layers) or from this layer's."""
+    if routing_weights is not None:
+      expected = (self.routing_heads(), self.routed_skills())
+      if routing_weights.shape[1:] != expected:
+        raise ValueError(
+            f"routing_weights have shape {routing_weights.shape}, expected [B, {expected[0]},"
+            f" {expected[1]}] (heads, skills) for {type(self).__name__}."
+        )
+      return routing_weights
+    if task_ids is None:
+      raise ValueError(f"{type(self).__name__} routes per task: pass task_ids (int[B]).")
+    router = Router(self.n_tasks, self.routing_heads(), self.routed_skills(),
+                    relaxed_bernoulli=self.relaxed_bernoulli, name="router")
+    return jnp.asarray(router(task_ids, deterministic=deterministic), self.dtype)
