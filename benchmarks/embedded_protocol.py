@@ -235,6 +235,7 @@ def main() -> None:
   print(format_table(results))
   plot_accuracy_vs_params(results, f"{args.output}.png")
   if ablation:
+    print(format_ablation(ablation))
     plot_ablation(ablation, os.path.join(os.path.dirname(args.output), "embedded_ablation.png"))
 
 
@@ -287,6 +288,25 @@ def plot_accuracy_vs_params(results: dict, path: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def format_ablation(ablation: dict) -> str:
+  """Validation accuracy (%) and adaptation params per (N, R), one block per method."""
+  def cell_text(row):
+    accuracy = row["mean_accuracy"]
+    return (f"{'diverged' if accuracy is None else f'{100 * accuracy:.1f}':>9}"
+            f"{row['adaptation_params']:>9,}")
+
+  lines = []
+  for method, rows in ablation.items():
+    cell = {(r["point"]["ORDER"], r["point"]["TENSOR_RANK"]): r for r in rows}
+    lines.append(f"{method + ' (validation %, params)':<38}"
+                 + "".join(f"{'R=' + rank:>18}" for rank in ABLATION_RANKS))
+    for order in sorted({n for n, _ in cell}):
+      label = f"N={order} ({cell[order, ABLATION_RANKS[0]]['pair_norm']} pair norm)"
+      lines.append(f"{label:<38}" + "".join(cell_text(cell[order, rank])
+                                           for rank in ABLATION_RANKS))
+  return "\n".join(lines)
 
 
 def plot_ablation(ablation: dict, path: str) -> None:

@@ -329,3 +329,51 @@ def test_adapter_targets_select_layers_by_path():
   config = LoRAConfig(targets=r".*/query$")
   assert config.matches("encoder/layers_0/attention/query")
   assert not config.matches("encoder/layers_0/mlp/wi_0")
+
+
+# ---------------------------------------------------------------- a seventh method
+
+
+def test_a_new_method_needs_only_its_module_roles_and_config(monkeypatch):
+  """What a seventh method writes (here: LoRA with a trained per-rank gate): its module, its new
+  params' roles and a config class registered by name; splitting, the optimizer's groups, the
+  T5X filter, counting and the export schema then serve it unchanged."""
+  from flax import linen as nn
+
+  from tensorpoly_jax import methods, optimizers, param_roles, t5x_bridge
+  from tensorpoly_jax.adapters.base import Adapter
+
+  monkeypatch.setattr(methods, "METHODS", dict(methods.METHODS))
+  param_roles.declare(rank_gate="lora")
+
+  class GatedLoRA(Adapter):
+    @nn.compact
+    def factors(self, d_in, task_ids, routing_weights, deterministic):
+      lora_a = self._param("lora_a", nn.initializers.normal(1.0), (d_in, self.lora_rank),
+                           (self.in_axis, "lora_rank"))
+      lora_b = self._param("lora_b", nn.initializers.normal(1.0), (self.lora_rank, self.features),
+                           ("lora_rank", self.out_axis))
+      rank_gate = self._param("rank_gate", nn.initializers.ones, (self.lora_rank,), ("lora_rank",))
+      return lora_a * rank_gate, lora_b
+
+  @methods.register
+  @dataclasses.dataclass(frozen=True, kw_only=True)
+  class GatedLoRAConfig(methods.AdapterConfig):
+    method = "gated_lora"
+    module = GatedLoRA
+
+  config = methods.from_dict({"method": "gated_lora", "lora_rank": 3, "targets": ".*"})
+  assert config == GatedLoRAConfig(lora_rank=3, targets=".*") and not config.routed
+  assert methods.from_dict(config.to_dict()) == config
+  assert config.param_count(D_IN, D_OUT) == {"lora": 3 * (D_IN + D_OUT) + 3, "leaf": 0,
+                                             "norm": 0, "router": 0,
+                                             "total": 3 * (D_IN + D_OUT) + 3}
+  layer, params, x, task_ids = init_layer(config, randomize=False)
+  assert set(params["adapter"]) == {"lora_a", "lora_b", "rank_gate"}
+  assert optimizers.group_labels(params)["adapter"]["rank_gate"] == "lora"
+  assert t5x_bridge.is_adapter_param("encoder/layers_0/mlp/wo/adapter/rank_gate")
+  gated = jax.tree_util.tree_map(lambda v: v, params)
+  gated["adapter"]["rank_gate"] = jnp.zeros(3)  # a closed gate leaves the frozen layer alone
+  frozen = DenseGeneral(D_OUT, kernel_axes=("embed", "mlp"))
+  np.testing.assert_allclose(layer.apply({"params": gated}, x, task_ids),
+                             frozen.apply({"params": {"kernel": params["kernel"]}}, x))

@@ -81,3 +81,14 @@ def test_demo_runs_each_method_at_the_point_the_protocol_chose():
     point = entry["chosen"]["point"]
     assert demo.TUNED[method] == demo.Tuned(float(point[protocol.RATE_MACRO[method]]),
                                             int(point["PRETRAIN_STEPS"])), method
+
+
+def test_ablation_table_puts_each_point_in_its_cell():
+  rows = [dict(_row({"ORDER": n, "TENSOR_RANK": r}, 0.5 + 0.01 * int(r)), pair_norm=norm)
+          for n, norm in (("2", "layernorm"), ("3", "none")) for r in protocol.ABLATION_RANKS]
+  rows[-1] = dict(rows[-1], mean_accuracy=None)
+  lines = protocol.format_ablation({"tensorpoly_i": rows}).splitlines()
+  assert lines[0].split()[-5:] == [f"R={r}" for r in protocol.ABLATION_RANKS]
+  assert lines[1].split()[:3] == ["N=2", "(layernorm", "pair"]
+  assert lines[1].split()[4::2] == ["51.0", "52.0", "54.0", "58.0", "66.0"]
+  assert lines[2].split()[4::2] == ["51.0", "52.0", "54.0", "58.0", "diverged"]
