@@ -22,8 +22,8 @@ if _CACHE_OWNER:
 
 
 def pytest_collection_modifyitems(items):
-  # The long end-to-end runs first: the many short tests then keep both xdist workers busy to the
-  # end, instead of one worker finishing a long run alone.
+  # The long end-to-end runs first: with `--dist worksteal` the worker that runs them gives the
+  # short ones behind them to the other, and no long run starts last while the other worker idles.
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
