@@ -126,35 +126,52 @@ def add_router_row(adapter_params, seed: int):
   return traverse_util.unflatten_dict(flat)
 
 
-def adapt(model_dir: str, backbone: Backbone, adapter_dir: str, task_name: str, k: int,
-          seed: int, train: trainer.TrainConfig):
-  """Few-shot adaptation of a held-out task from a pretrained adapter, with a new router row.
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+  """A pretrained adapter export and what its few-shot runs share: the model with one more router
+  row, routing a held-out task as ``task_id`` (T, after the T pretraining tasks), and the trainer
+  that compiles their step once."""
 
-  Returns ``(model, params, task_id)``; the task is routed with id ``T`` (after the T
-  pretraining tasks)."""
-  adapter_params, meta = checkpoints.load_adapter(adapter_dir)
-  routing_ids = dict(meta["routing_ids"])
-  task_id = len(routing_ids)
-  routing_ids[task_name] = task_id
-  adapter = from_dict(meta["adapter"]).with_tasks(task_id + 1)
-  config = backbone.config.replace(adapter=adapter)
-  model = EncoderDecoder(config)
-  adapter_params = layout.to_layout(add_router_row(adapter_params, seed), config.scan_layers)
-  params = merge_params(adapter_params, backbone.params)
-  arrays = fewshot.fewshot_arrays(task_name, k, seed, train.inputs_length, train.targets_length)
+  params: dict
+  meta: dict
+  model: EncoderDecoder
+  task_id: int
+  runner: trainer.Trainer
+
+
+def load_pretrained(backbone: Backbone, adapter_dir: str, train: trainer.TrainConfig) -> Pretrained:
   if train.loss != "tfew":
     raise ValueError(f"few-shot adaptation trains on answer-choice batches with T-Few's losses:"
                      f" TrainConfig.loss must be 'tfew' (runs/adapt.gin sets it), got {train.loss!r}.")
-  train = dataclasses.replace(train, seed=seed)  # the few-shot seed seeds the run too
-  stream = lambda start: batches.choice_batches(arrays, train.batch_size, seed, start, task_id,
-                                                _shard_info())
-  meta = run_meta(f"adapt {task_name} k={k} seed={seed}", config, routing_ids)
-  result = trainer.train(model, params, stream, train, model_dir, meta, abstract_variables(model),
-                         description=f"adapt {task_name} s{seed}")
+  params, meta = checkpoints.load_adapter(adapter_dir)
+  task_id = len(meta["routing_ids"])
+  adapter = from_dict(meta["adapter"]).with_tasks(task_id + 1)
+  model = EncoderDecoder(backbone.config.replace(adapter=adapter))
+  return Pretrained(params, meta, model, task_id,
+                    trainer.Trainer(model, train, abstract_variables(model)))
+
+
+def adapt(model_dir: str, backbone: Backbone, pretrained: Pretrained, task_name: str, k: int,
+          seed: int):
+  """Few-shot adaptation of a held-out task from a pretrained adapter, with a new router row;
+  returns the adapted params."""
+  train = pretrained.runner.config
+  routing_ids = {**pretrained.meta["routing_ids"], task_name: pretrained.task_id}
+  adapter_params = layout.to_layout(add_router_row(pretrained.params, seed),
+                                    pretrained.model.config.scan_layers)
+  params = merge_params(adapter_params, backbone.params)
+  arrays = fewshot.fewshot_arrays(task_name, k, seed, train.inputs_length, train.targets_length)
+  stream = lambda start: batches.choice_batches(arrays, train.batch_size, seed, start,
+                                                pretrained.task_id, _shard_info())
+  meta = run_meta(f"adapt {task_name} k={k} seed={seed}", pretrained.model.config, routing_ids)
+  # The few-shot seed seeds the run too.
+  result = pretrained.runner.fit(params, stream, model_dir, meta, seed=seed,
+                                 description=f"adapt {task_name} s{seed}")
   if jax.process_index() == 0:  # the pretraining export's schema plus the adapted task
     checkpoints.export_adapter(model_dir, "adapter", split_params(result.params)[0],
-                               {**meta, "task": task_name, "task_id": task_id, "seed": seed})
-  return model, result.params, task_id
+                               {**meta, "task": task_name, "task_id": pretrained.task_id,
+                                "seed": seed})
+  return result.params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,13 +188,14 @@ def adapt_heldout(model_dir: str, backbone: Backbone, adapter_dir: str, heldout,
                   length_normalize: bool = True, eval_split: str = "validation") -> AdaptResults:
   """Few-shot adaptation of every held-out task for every seed from one pretrained adapter, each
   evaluated on its task's ``eval_split``; runs in ``model_dir/adapt/<task>_seed<seed>``."""
+  pretrained = load_pretrained(backbone, adapter_dir, train)
   accuracy: dict[str, dict[str, float]] = {}
   for task in heldout:
     for seed in seeds:
       run_dir = os.path.join(model_dir, "adapt", f"{task}_seed{seed}")
-      model, params, task_id = adapt(run_dir, backbone, adapter_dir, task, shots, seed, train)
+      params = adapt(run_dir, backbone, pretrained, task, shots, seed)
       accuracy.setdefault(task, {})[str(seed)] = value = evaluate_task(
-          model, params, backbone.mesh, task, task_id, train.inputs_length,
+          pretrained.model, params, backbone.mesh, task, pretrained.task_id, train.inputs_length,
           train.targets_length, eval_split, eval_batch_size, length_normalize)
       metrics.write_eval(run_dir, value, train.steps)
   return AdaptResults(accuracy, count_params(split_params(params)[0]))

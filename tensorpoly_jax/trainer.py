@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 import signal
 import threading
@@ -108,61 +107,65 @@ class TrainResult:
   state: TrainState  # the final sharded train state
 
 
+class Trainer:
+  """Trains one model with one ``TrainConfig`` on that config's mesh, and holds the jitted init
+  and step it built for each shape of trained params: the few-shot runs of one method over tasks
+  and seeds share one compiled step.
+
+  ``abstract_variables`` (``jax.eval_shape`` of ``model.init``) carries the logical axes.
+  """
+
+  def __init__(self, model: EncoderDecoder, config: TrainConfig, abstract_variables):
+    self.model, self.config = model, config
+    self.mesh = config.make_mesh()
+    if config.batch_size % self.mesh.shape["data"]:
+      raise ValueError(
+          f"batch_size={config.batch_size} must be divisible by the mesh's data axis"
+          f" ({self.mesh.shape['data']} = {self.mesh.devices.size} devices / model_parallel"
+          f" {config.model_parallel}); set BATCH_SIZE to a multiple of {self.mesh.shape['data']}.")
+    shardings = partitioning.param_shardings(abstract_variables, self.mesh)
+    self.trainable_shardings, self.frozen_shardings = (
+        (shardings, {}) if config.train_backbone else split_params(shardings))
+    self._steps: dict[tuple, Steps] = {}
+
+  def steps(self, trainable) -> Steps:
+    """The jitted init and step for trained params shaped like ``trainable``."""
+    shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
+    leaves, treedef = jax.tree_util.tree_flatten(shapes)
+    key = (treedef, tuple(leaves))
+    if key not in self._steps:
+      self._steps[key] = build_steps(self.model, self.config, self.mesh, shapes,
+                                     self.trainable_shardings, self.frozen_shardings)
+    return self._steps[key]
+
+  def fit(self, params, batches: Callable[[int], Iterator[dict]], model_dir: str, meta: dict,
+          seed: int | None = None, description: str = "train") -> TrainResult:
+    """Trains ``params`` from the latest checkpoint in ``model_dir`` (or from ``params``) to
+    ``config.steps``; ``batches(start_step)`` yields this process's numpy batches from that step
+    on; ``seed`` (default the config's) seeds dropout and routing noise."""
+    paths.check_writable(model_dir)
+    config = self.config if seed is None else dataclasses.replace(self.config, seed=seed)
+    trainable, frozen = (params, {}) if config.train_backbone else split_params(params)
+    steps = self.steps(trainable)
+    frozen = jax.device_put(frozen, self.frozen_shardings)  # a no-op for params on the mesh
+    state = steps.init(jax.device_put(trainable, self.trainable_shardings),
+                       jax.random.PRNGKey(config.seed))
+    mngr, restored, start = checkpoints.restore_latest(
+        str(paths.resolve(model_dir) / "checkpoints"), config.keep_checkpoints,
+        checkpoints.abstract(state), meta)
+    with contextlib.closing(mngr):
+      state = restored if restored is not None else state
+      state, history = _loop(state, frozen, steps.step, batches(start), self.mesh, start, config,
+                             mngr, meta, model_dir, description)
+    return TrainResult(merge_params(state.params, frozen), history, start, state)
+
+
 def train(model: EncoderDecoder, params, batches: Callable[[int], Iterator[dict]],
           config: TrainConfig, model_dir: str, meta: dict, abstract_variables,
           description: str = "train") -> TrainResult:
-  """Trains from the latest checkpoint in ``model_dir`` (or from ``params``) to ``config.steps``.
-
-  ``batches(start_step)`` yields this process's numpy batches from that step on;
-  ``abstract_variables`` (``jax.eval_shape`` of ``model.init``) carries the logical axes.
-  """
-  paths.check_writable(model_dir)
-  mesh = config.make_mesh()
-  if config.batch_size % mesh.shape["data"]:
-    raise ValueError(
-        f"batch_size={config.batch_size} must be divisible by the mesh's data axis"
-        f" ({mesh.shape['data']} = {mesh.devices.size} devices / model_parallel"
-        f" {config.model_parallel}); set BATCH_SIZE to a multiple of {mesh.shape['data']}.")
-  shardings = partitioning.param_shardings(abstract_variables, mesh)
-  if config.train_backbone:
-    trainable, frozen, trainable_shardings, frozen_shardings = params, {}, shardings, {}
-  else:
-    trainable, frozen = split_params(params)
-    trainable_shardings, frozen_shardings = split_params(shardings)
-  shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
-  steps = build_steps(model, config, mesh, shapes, trainable_shardings, frozen_shardings)
-  frozen = jax.device_put(frozen, frozen_shardings)  # a no-op for params already on the mesh
-  state = steps.init(jax.device_put(trainable, trainable_shardings),
-                     jax.random.PRNGKey(config.seed))
-  mngr, restored, start = checkpoints.restore_latest(
-      str(paths.resolve(model_dir) / "checkpoints"), config.keep_checkpoints,
-      checkpoints.abstract(state), meta)
-  with contextlib.closing(mngr):
-    state = restored if restored is not None else state
-    state, history = _loop(state, frozen, steps.step, batches(start), mesh, start, config, mngr,
-                           meta, model_dir, description)
-  return TrainResult(merge_params(state.params, frozen), history, start, state)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _Layout:
-  """Shapes and shardings of the trained and frozen params, hashable by value, so that runs of
-  one shape (a method's few-shot runs over tasks and seeds) share one compiled step."""
-
-  trainable_shapes: Any
-  trainable_shardings: Any
-  frozen_shardings: Any
-
-  def _leaves(self):
-    return jax.tree_util.tree_flatten(
-        (self.trainable_shapes, self.trainable_shardings, self.frozen_shardings))
-
-  def __hash__(self):
-    leaves, treedef = self._leaves()
-    return hash((treedef, tuple(leaves)))
-
-  def __eq__(self, other):
-    return isinstance(other, _Layout) and self._leaves() == other._leaves()
+  """One run with a trainer of its own (``Trainer.fit``)."""
+  return Trainer(model, config, abstract_variables).fit(params, batches, model_dir, meta,
+                                                        description=description)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,24 +179,18 @@ class Steps:
 
 def build_steps(model: EncoderDecoder, config: TrainConfig, mesh, trainable_shapes,
                 trainable_shardings, frozen_shardings) -> Steps:
-  """The jitted init and step for params of these shapes and shardings (cached by value)."""
-  return _compiled(model, dataclasses.replace(config, seed=0), mesh,
-                   _Layout(trainable_shapes, trainable_shardings, frozen_shardings))
-
-
-@functools.lru_cache(maxsize=16)
-def _compiled(model: EncoderDecoder, config: TrainConfig, mesh, layout: _Layout) -> Steps:
-  optimizer = make_optimizer(config.optimizer, layout.trainable_shapes, config.steps)
+  """The jitted init and step for trained params of these shapes and shardings."""
+  optimizer = make_optimizer(config.optimizer, trainable_shapes, config.steps)
   replicated = partitioning.replicated(mesh)
-  opt_shapes = jax.eval_shape(optimizer.init, layout.trainable_shapes)
-  opt_shardings = partitioning.state_shardings(opt_shapes, layout.trainable_shapes,
-                                               layout.trainable_shardings, mesh)
-  shardings = TrainState(replicated, layout.trainable_shardings, opt_shardings, replicated)
+  opt_shapes = jax.eval_shape(optimizer.init, trainable_shapes)
+  opt_shardings = partitioning.state_shardings(opt_shapes, trainable_shapes, trainable_shardings,
+                                               mesh)
+  shardings = TrainState(replicated, trainable_shardings, opt_shardings, replicated)
   init = jax.jit(lambda params, rng: TrainState(jnp.asarray(0, jnp.int32), params,
                                                 optimizer.init(params), rng),
                  out_shardings=shardings)
   step = jax.jit(make_train_step(model, optimizer, config.loss, config.tfew_weights),
-                 in_shardings=(shardings, layout.frozen_shardings, None),  # batches come sharded
+                 in_shardings=(shardings, frozen_shardings, None),  # batches come sharded
                  out_shardings=(shardings, replicated), donate_argnums=(0,))
   return Steps(init, step, shardings)
 

@@ -146,10 +146,11 @@ def test_the_same_adaptation_twice_is_bit_identical(backbone_dir, tmp_path):
   backbone = pipeline.load_backbone(backbone_dir)
   heldout = tasks.embedded_heldout_task(sorted(embedded.HELDOUT_TASKS)[0])
   adapt = small_train(steps=2, checkpoint_every=2, loss="tfew")
-  runs = [pipeline.adapt(str(tmp_path / f"adapt{i}"), backbone, export, heldout, 4, 0, adapt)
+  runs = [pipeline.adapt(str(tmp_path / f"adapt{i}"), backbone,
+                         pipeline.load_pretrained(backbone, export, adapt), heldout, 4, 0)
           for i in range(2)]
-  first = traverse_util.flatten_dict(split_params(runs[0][1])[0])
-  for _, params, _ in runs[1:]:
+  first = traverse_util.flatten_dict(split_params(runs[0])[0])
+  for params in runs[1:]:
     again = traverse_util.flatten_dict(split_params(params)[0])
     assert all(np.array_equal(first[k], again[k]) for k in first)
 
