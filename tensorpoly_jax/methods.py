@@ -152,10 +152,6 @@ class RoutedConfig(AdapterConfig):
   def routed_skills(self) -> int:
     raise NotImplementedError
 
-  def router_param_count(self) -> int:
-    """One router's skill logits, ``T·H·S`` (per layer, or once when ``shared_router``)."""
-    return self.n_tasks * self.routing_heads * self.routed_skills
-
   def layer_inputs(self) -> dict:
     task_ids = jnp.zeros((1,), jnp.int32)
     if self.shared_router:  # the layer gets the shared router's weights and has no router
