@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  pylint: disable=wrong-import-position
 
-from tensorpoly_jax import checkpoints, demo, entangle, pipeline  # noqa: E402
+from tensorpoly_jax import checkpoints, cli, entangle, pipeline  # noqa: E402
 from tensorpoly_jax.data import batches, tasks  # noqa: E402
 from tensorpoly_jax.methods import from_dict  # noqa: E402
 from tensorpoly_jax.metrics import METRICS_FILE  # noqa: E402
@@ -36,12 +36,13 @@ from tensorpoly_jax.t5.model import EncoderDecoder, merge_params  # noqa: E402
 
 SNAPSHOTS = 10  # checkpoints per run at which the pair variance is measured
 TENSOR_METHODS = ("tlora", "tensorpoly_i", "tensorpoly_ii")
+DEMO = cli.demo_config()
 
 
 def pretrain(work_dir: str, backbone, method: str, adapter, steps: int | None,
              learning_rate: float | None):
   """The demo's pretraining of ``method`` (its tuned rate and steps unless given)."""
-  train = demo.DemoConfig().train_config("pretrain", method)
+  train = DEMO.train_config("pretrain", method)
   steps = steps or train.steps
   optimizer = train.optimizer if learning_rate is None else dataclasses.replace(
       train.optimizer, adapter_learning_rate=learning_rate, leaf_learning_rate=learning_rate)
@@ -114,7 +115,7 @@ def init_regime(widths=(64, 2048, 5120)) -> dict[str, dict[int, float]]:
 
   regime = {}
   for method in TENSOR_METHODS:
-    adapter = dataclasses.replace(demo.METHODS[method], targets=".*").with_tasks(4)
+    adapter = dataclasses.replace(DEMO.methods[method].adapter, targets=".*").with_tasks(4)
     regime[method] = {}
     for width in widths:
       layer = DenseGeneral(width, kernel_axes=("embed", "mlp"), adapter=adapter)
@@ -153,14 +154,13 @@ def main() -> None:
   if not (args.backbone_dir and args.work_dir):
     parser.error("--backbone_dir and --work_dir are needed (all but --init_regime train runs)")
   started = time.time()
-  config = demo.DemoConfig()
-  tasks.register_embedded(config.data_seed, config.sizes)
+  tasks.register_embedded(DEMO.data_seed, DEMO.sizes)
   backbone = pipeline.load_backbone(args.backbone_dir)
-  batch = next(batches.lm_batches(tasks.EMBEDDED_TRAIN, config.batch_size, config.inputs_length,
-                                  config.targets_length, seed=123))
+  batch = next(batches.lm_batches(tasks.EMBEDDED_TRAIN, DEMO.batch_size, DEMO.inputs_length,
+                                  DEMO.targets_length, seed=123))
   results = {}
   for method in args.methods.split(","):
-    adapter = demo.METHODS[method]
+    adapter = DEMO.methods[method].adapter
     if args.pair_norm_epsilon and method in TENSOR_METHODS:
       adapter = dataclasses.replace(adapter, pair_norm_epsilon=args.pair_norm_epsilon)
     train, trained = pretrain(args.work_dir, backbone, method, adapter, args.steps,

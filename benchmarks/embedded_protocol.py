@@ -159,20 +159,20 @@ def tune(methods: list[str], work: str, backbone: str, macros: dict[str, str], l
 
 
 def train_backbone(work_dir: str) -> str:
-  from tensorpoly_jax import demo, pipeline
+  from tensorpoly_jax import cli, pipeline
   from tensorpoly_jax.data import tasks
   from tensorpoly_jax.t5.model import preset
 
-  config = demo.DemoConfig()
+  config = cli.demo_config()
   tasks.register_embedded(config.data_seed, config.sizes)
   return pipeline.train_backbone(os.path.join(work_dir, "backbone"), preset("tiny"),
                                  tasks.EMBEDDED_TRAIN, config.train_config("backbone"))
 
 
 def zero_shot(backbone_dir: str, work_dir: str) -> dict:
-  from tensorpoly_jax import commands, demo
+  from tensorpoly_jax import cli, commands
 
-  config = demo.DemoConfig()
+  config = cli.demo_config()
   accuracy = commands.evaluate(os.path.join(work_dir, "zero_shot"), backbone_dir,
                                "embedded_heldout", split="test",
                                inputs_length=config.inputs_length,

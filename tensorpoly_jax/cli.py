@@ -14,8 +14,9 @@ import sys
 
 import gin
 
-from tensorpoly_jax import aot, commands, distributed
+from tensorpoly_jax import aot, commands, demo, distributed
 from tensorpoly_jax import configurables  # noqa: F401 (registers the configs' gin names)
+from tensorpoly_jax.data import embedded
 
 
 def _configs_dir() -> str:
@@ -30,6 +31,10 @@ CONFIGS = _configs_dir()  # also T5X's --gin_search_paths for configs/t5x/*.gin
 CONFIGURED = {fn.__name__: gin.external_configurable(fn, module="tensorpoly_jax")
               for fn in (commands.data_setup, commands.train, commands.adapt, commands.evaluate,
                          commands.model_config, commands.pipeline_run, commands.compile_step)}
+CONFIGURED["demo"] = gin.external_configurable(demo.run, "demo", module="tensorpoly_jax")
+for _cls in (demo.DemoConfig, demo.Method, embedded.Sizes):  # runs/demo.gin's settings
+  gin.external_configurable(_cls, module="tensorpoly_jax")
+DEMO_GIN, DEMO_QUICK_GIN = "runs/demo.gin", "runs/demo_quick.gin"
 
 GIN_FLAG = re.compile(r"--gin\.([A-Za-z_][\w./]*)=(.*)", re.S)
 
@@ -107,11 +112,18 @@ def _import(args) -> int:
   return 0
 
 
-def _demo(args) -> int:
-  from tensorpoly_jax import demo
-
-  demo.run(args.model_dir, demo.DemoConfig.quick() if args.quick else demo.DemoConfig())
+def _demo(args, gin_flags) -> int:
+  parse_gin([DEMO_QUICK_GIN if args.quick else DEMO_GIN, *args.gin_file], gin_flags,
+            args.model_dir, args.gin_search_paths)
+  CONFIGURED["demo"]()
   return 0
+
+
+def demo_config(gin_file: str = DEMO_GIN, gin_flags=()) -> demo.DemoConfig:
+  """The demo's settings as its gin file (and ``--gin.NAME=value`` flags) give them, for scripts
+  that run its stages."""
+  parse_gin([gin_file], gin_flags)
+  return gin.query_parameter("demo.config").scoped_configurable_fn()
 
 
 def _gin_command(function):
@@ -174,11 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a TPU topology (v4:2x2x4, v5e:4x4; needs libtpu) or 'local'")
   compile_.add_argument("--json", default=None, help="also write the report here")
   compile_.set_defaults(run=_compile, takes_gin=True)
-  demo = sub.add_parser("demo", help="the whole pipeline on the embedded mini-T0 suite")
-  demo.add_argument("--model_dir", default="runs/demo")
-  demo.add_argument("--quick", action="store_true", help="a small run (minutes) for smoke tests")
-  distributed.add_flags(demo)
-  demo.set_defaults(run=_demo)
+  demo_ = sub.add_parser("demo", help="the whole pipeline on the embedded mini-T0 suite"
+                         f" ({DEMO_GIN}, then any --gin_file and --gin.NAME=value)")
+  _gin_flags(demo_)
+  demo_.add_argument("--quick", action="store_true",
+                     help=f"the smoke-test size ({DEMO_QUICK_GIN}; minutes)")
+  demo_.set_defaults(run=_demo, takes_gin=True)
   convert = sub.add_parser("convert", help="Hugging Face T5/T0 checkpoint -> Flax params")
   convert.add_argument("--checkpoint_dir", required=True,
                        help="folder with config.json and model.safetensors (or its shards), or a"

@@ -4,6 +4,7 @@ A tiny T5 is trained on the training tasks (the stand-in for T0), then every met
 multi-task adapter pretraining, few-shot adaptation on each held-out task for several seeds (new
 router row, T-Few losses) and rank-classification evaluation. ``evaluation.json`` holds every
 accuracy; the Table-1-style report (terminal, ``report.json``, ``report.png``) is computed from it.
+The settings are gin: ``configs/runs/demo.gin``, and ``runs/demo_quick.gin`` for a smoke run.
 """
 from __future__ import annotations
 
@@ -12,78 +13,63 @@ import json
 import os
 import time
 
-
 from tensorpoly_jax import pipeline
 from tensorpoly_jax.data import embedded, tasks
-from tensorpoly_jax.methods import adapter_config
+from tensorpoly_jax.methods import AdapterConfig
 from tensorpoly_jax.optimizers import OptimizerConfig
 from tensorpoly_jax.reporting import write_report
 from tensorpoly_jax.t5.model import preset
 from tensorpoly_jax.trainer import TrainConfig
 
-METHODS = {
-    "lora": adapter_config("lora", lora_rank=4),
-    "tlora": adapter_config("tlora", lora_rank=4, tensor_rank=2, order=2),
-    "poly": adapter_config("poly", lora_rank=4, n_skills=8),
-    "mhr": adapter_config("mhr", lora_rank=4, n_skills=8, n_splits=4),
-    "tensorpoly_i": adapter_config("tensorpoly_i", lora_rank=4, tensor_rank=8, order=2),
-    "tensorpoly_ii": adapter_config("tensorpoly_ii", lora_rank=4, tensor_rank=8, order=2),
-}
 EVALUATION_FILE = "evaluation.json"
 
 
 @dataclasses.dataclass(frozen=True)
-class Tuned:
-  """A method's settings as ``benchmarks/embedded_protocol.py`` chose them on validation (its
-  ``benchmarks/results/embedded_protocol.json``; a test checks that the two agree)."""
+class Method:
+  """A method as the demo runs it: its adapter, and the settings ``benchmarks/embedded_protocol.py``
+  chose for it on validation (a test checks them against its results JSON)."""
 
+  adapter: AdapterConfig
   learning_rate: float  # its trained weights' peak rate (LoRA-named or leaves), in both stages
   pretrain_steps: int
 
-
-TUNED = {
-    "lora": Tuned(1e-2, 1000),
-    "tlora": Tuned(1e-3, 1000),
-    "poly": Tuned(1e-2, 400),
-    "mhr": Tuned(1e-2, 1000),
-    "tensorpoly_i": Tuned(1e-3, 400),
-    "tensorpoly_ii": Tuned(1e-3, 400),
-}
+  def to_dict(self) -> dict:
+    return {"adapter": self.adapter.to_dict(), "learning_rate": self.learning_rate,
+            "pretrain_steps": self.pretrain_steps}
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
-  """Sizes of the demo; ``quick()`` is the smoke-test size used by the test suite."""
+  """The demo's sizes and its methods, in report order."""
 
+  methods: dict[str, Method]
   data_seed: int = 0
   sizes: embedded.Sizes = embedded.Sizes()
   backbone_steps: int = 2000
-  pretrain_steps: int | None = None  # None: each method's tuned steps
+  pretrain_steps: int | None = None  # None: each method's own
   adapt_steps: int = 50
   batch_size: int = 32
   adapt_batch_size: int = 8
   shots: int = 16
   seeds: tuple[int, ...] = (0, 1, 32)
-  methods: tuple[str, ...] = tuple(METHODS)
   inputs_length: int = 48
   targets_length: int = 24
   eval_split: str = "test"  # the report's split; settings are never chosen on it
 
-  @classmethod
-  def quick(cls) -> "DemoConfig":
-    return cls(sizes=embedded.Sizes(40, 4, 24, 16, 16), backbone_steps=40, pretrain_steps=10,
-               adapt_steps=4, batch_size=8, adapt_batch_size=8, shots=8, seeds=(0, 1),
-               methods=("lora", "tensorpoly_i"))
+  def to_dict(self) -> dict:
+    fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    return {**fields, "sizes": dataclasses.asdict(self.sizes),
+            "methods": {name: method.to_dict() for name, method in self.methods.items()}}
 
   def train_config(self, stage: str, method: str | None = None) -> TrainConfig:
-    """The backbone's settings, or ``method``'s tuned ones for its pretraining and adaptation."""
+    """The backbone's settings, or ``method``'s own for its pretraining and adaptation."""
     if stage == "backbone":
       steps, rate = self.backbone_steps, 3e-3
     else:
-      tuned = TUNED[method]
-      steps = {"pretrain": self.pretrain_steps or tuned.pretrain_steps,
+      settings = self.methods[method]
+      steps = {"pretrain": self.pretrain_steps or settings.pretrain_steps,
                "adapt": self.adapt_steps}[stage]
-      rate = tuned.learning_rate
+      rate = settings.learning_rate
     optimizer = OptimizerConfig(name="adamw", learning_rate=rate, adapter_learning_rate=rate,
                                 leaf_learning_rate=rate, router_learning_rate=0.1,
                                 warmup_fraction=0.06)
@@ -94,7 +80,7 @@ class DemoConfig:
                        keep_checkpoints=1, log_every=max(1, steps // 10), optimizer=optimizer)
 
 
-def run(model_dir: str, config: DemoConfig = DemoConfig()) -> dict:
+def run(model_dir: str, config: DemoConfig) -> dict:
   """Runs every stage (resuming finished ones from ``model_dir``) and writes the report."""
   started = time.time()
   tasks.register_embedded(config.data_seed, config.sizes)
@@ -104,18 +90,16 @@ def run(model_dir: str, config: DemoConfig = DemoConfig()) -> dict:
                                          tasks.EMBEDDED_TRAIN, config.train_config("backbone"))
   backbone = pipeline.load_backbone(backbone_dir)  # once, for every method, task and seed
   results = {"zero_shot_backbone": _zero_shot(backbone, heldout, config.eval_split, length)}
-  for method in config.methods:
-    method_dir = os.path.join(model_dir, method)
-    _, adapter_dir = pipeline.pretrain_adapters(method_dir, backbone, METHODS[method],
+  for name, method in config.methods.items():
+    method_dir = os.path.join(model_dir, name)
+    _, adapter_dir = pipeline.pretrain_adapters(method_dir, backbone, method.adapter,
                                                 tasks.EMBEDDED_TRAIN,
-                                                config.train_config("pretrain", method))
+                                                config.train_config("pretrain", name))
     adapted = pipeline.adapt_heldout(method_dir, backbone, adapter_dir, heldout, config.shots,
-                                     config.seeds, config.train_config("adapt", method),
+                                     config.seeds, config.train_config("adapt", name),
                                      eval_split=config.eval_split)
-    results[method] = dataclasses.asdict(adapted)
-  evaluation = {"config": dataclasses.asdict(config),
-                "tuned": {m: dataclasses.asdict(TUNED[m]) for m in config.methods},
-                "results": results,
+    results[name] = dataclasses.asdict(adapted)
+  evaluation = {"config": config.to_dict(), "results": results,
                 "seconds": round(time.time() - started, 1)}
   with open(os.path.join(model_dir, EVALUATION_FILE), "w") as f:
     json.dump(evaluation, f, indent=2)

@@ -5,6 +5,7 @@ import logging
 import pytest
 
 from tensorpoly_jax import cli
+from tensorpoly_jax.methods import adapter_config
 
 pytestmark = pytest.mark.slow
 DATA = "--gin_file=runs/data_embedded.gin"
@@ -66,6 +67,19 @@ def test_sweep_over_a_grid_of_macros_never_reads_a_test_split(backbone, tmp_path
   assert (tmp_path / "LORA_RANK=2" / "adapt_results.json").exists()
   assert (tmp_path / "sweep.png").exists()
   assert splits == {"train", "validation"}  # choosing settings never sees the test split
+
+
+def test_demo_settings_are_gin_and_quick_is_the_same_demo_smaller():
+  full, quick = cli.demo_config(), cli.demo_config(cli.DEMO_QUICK_GIN)
+  assert list(full.methods) == ["lora", "tlora", "poly", "mhr", "tensorpoly_i", "tensorpoly_ii"]
+  assert quick.methods == {m: full.methods[m] for m in ("lora", "tensorpoly_i")}
+  assert full.methods["mhr"].adapter == adapter_config("mhr", lora_rank=4, n_skills=8, n_splits=4)
+  assert (quick.backbone_steps, quick.pretrain_steps, quick.seeds) == (40, 10, (0, 1))
+  assert quick.train_config("pretrain", "lora").steps == 10
+  assert full.train_config("pretrain", "lora").steps == full.methods["lora"].pretrain_steps == 1000
+  assert cli.demo_config(cli.DEMO_GIN, ["--gin.SEEDS=(3,)"]).seeds == (3,)
+  with pytest.raises(ValueError, match="no gin file defines the macro SEED; did you mean"):
+    cli.demo_config(cli.DEMO_GIN, ["--gin.SEED=(3,)"])
 
 
 def test_gin_files_are_found_without_false_errors_and_a_missing_one_is_named(caplog):

@@ -4,23 +4,24 @@ import os
 
 import pytest
 
-from tensorpoly_jax import cli, demo
+from tensorpoly_jax import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location(
     "embedded_protocol", os.path.join(ROOT, "benchmarks", "embedded_protocol.py"))
 protocol = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(protocol)
+DEMO = cli.demo_config()
 
 
-@pytest.mark.parametrize("method", list(demo.METHODS))
+@pytest.mark.parametrize("method", list(DEMO.methods))
 def test_protocol_tunes_the_demos_adapters_with_one_grid_size(method):
   import gin
 
   cli.parse_gin([f"adapters/{method}.gin", "runs/data_embedded.gin", "runs/sweep.gin"],
                 [f"--gin.{k}={v}" for k, v in protocol.METHOD_FLAGS[method].items()]
                 + ["--gin.BACKBONE_DIR='unused'"], model_dir="unused")
-  assert gin.query_parameter("%ADAPTER").scoped_configurable_fn() == demo.METHODS[method]
+  assert gin.query_parameter("%ADAPTER").scoped_configurable_fn() == DEMO.methods[method].adapter
   grid = protocol.grid_flags(method)
   assert len(grid) == len(protocol.grid_flags("lora"))  # the same number of points per method
   gin.clear_config()
@@ -76,11 +77,11 @@ def test_demo_runs_each_method_at_the_point_the_protocol_chose():
 
   with open(os.path.join(ROOT, "benchmarks", "results", "embedded_protocol.json")) as f:
     results = json.load(f)
-  assert set(results["methods"]) == set(demo.METHODS) == set(demo.TUNED)
+  assert list(results["methods"]) == list(DEMO.methods)
   for method, entry in results["methods"].items():
     point = entry["chosen"]["point"]
-    assert demo.TUNED[method] == demo.Tuned(float(point[protocol.RATE_MACRO[method]]),
-                                            int(point["PRETRAIN_STEPS"])), method
+    assert DEMO.methods[method].learning_rate == float(point[protocol.RATE_MACRO[method]]), method
+    assert DEMO.methods[method].pretrain_steps == int(point["PRETRAIN_STEPS"]), method
 
 
 def test_ablation_table_puts_each_point_in_its_cell():

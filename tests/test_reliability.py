@@ -18,6 +18,7 @@ from tensorpoly_jax.data import choices, embedded, tasks
 from tensorpoly_jax.adapters import LoRAConfig
 from tensorpoly_jax.methods import adapter_config
 from tensorpoly_jax.optimizers import OptimizerConfig
+from tensorpoly_jax.t5 import convert
 from tensorpoly_jax.t5.layers import DenseGeneral
 from tests.small_adapters import small_adapter
 
@@ -96,29 +97,55 @@ def test_lengths_that_cut_every_target_are_refused(backbone):
     next(batches.lm_batches(tasks.EMBEDDED_TRAIN, 8, 48, 3, 0))
 
 
-@pytest.mark.slow
-def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
-  args = ["train", "--gin_file=models/tiny.gin", "--gin_file=runs/data_embedded.gin",
-          "--gin_file=runs/backbone.gin", f"--model_dir={tmp_path}", "--gin.BATCH_SIZE=8",
-          "--gin.TRAIN_STEPS=60", "--gin.TrainConfig.checkpoint_every=1000",
-          "--gin.TrainConfig.log_every=1"]
-  run = lambda: subprocess.Popen([sys.executable, "-m", "tensorpoly_jax", *args], cwd=ROOT,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  process = run()
-  metrics = tmp_path / "run" / "metrics.jsonl"
+def _logged_steps(metrics) -> list[int]:
+  return [json.loads(line)["step"] for line in metrics.read_text().splitlines()] if (
+      metrics.exists()) else []
+
+
+def _wait_for(condition, process, what: str) -> None:
   deadline = time.time() + 300
-  while (not metrics.exists() or len(metrics.read_text().splitlines()) < 5) and time.time() < deadline:
+  while not condition():
+    assert process.poll() is None, f"the run ended before {what}:\n{process.stdout.read()}"
+    assert time.time() < deadline, f"no {what} after 300 s"
     time.sleep(0.05)
-  process.send_signal(signal.SIGTERM)
-  output = process.communicate(timeout=300)[0]
-  assert process.returncode == 0, output
-  saved = [int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit()]
-  assert len(saved) == 1 and 5 <= saved[0] < 60
-  assert f"SIGTERM received: saved checkpoint step {saved[0]}" in output
-  resumed = run()
-  assert resumed.wait(timeout=600) == 0
-  steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-  assert steps[saved[0]:] == list(range(saved[0] + 1, 61))  # resumed right after the saved step
+
+
+@pytest.mark.slow
+def test_sigkill_then_sigterm_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
+  """Killed (SIGKILL), a run restarts from its last checkpoint; stopped by SIGTERM, it saves the
+  step it is at and exits 0; run again, it goes on right after that step and ends with the
+  backbone an uninterrupted run ends with."""
+  run = lambda model_dir: subprocess.Popen(
+      [sys.executable, "-m", "tensorpoly_jax", "train", "--gin_file=models/tiny.gin",
+       "--gin_file=runs/data_embedded.gin", "--gin_file=runs/backbone.gin",
+       f"--model_dir={model_dir}", "--gin.BATCH_SIZE=8", "--gin.TRAIN_STEPS=90",
+       "--gin.TrainConfig.checkpoint_every=30", "--gin.TrainConfig.log_every=1"],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  straight = run(tmp_path / "straight")
+  assert straight.wait(timeout=600) == 0, straight.stdout.read()
+  checkpoints_dir, metrics = tmp_path / "run" / "checkpoints", tmp_path / "run" / "metrics.jsonl"
+  killed = run(tmp_path)
+  _wait_for((checkpoints_dir / "30").exists, killed, "checkpoint 30")
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  assert max(_logged_steps(metrics)) < 90, "the run finished before it was killed"
+  logged = len(_logged_steps(metrics))
+  stopped = run(tmp_path)  # restarts from step 30
+  _wait_for(lambda: len(_logged_steps(metrics)) >= logged + 5, stopped, "5 steps after restart")
+  stopped.send_signal(signal.SIGTERM)
+  output = stopped.communicate(timeout=300)[0]
+  assert stopped.returncode == 0, output
+  assert _logged_steps(metrics)[logged] == 31
+  saved = max(int(d) for d in os.listdir(checkpoints_dir) if d.isdigit())
+  assert 35 <= saved < 90 and f"SIGTERM received: saved checkpoint step {saved}" in output
+  logged = len(_logged_steps(metrics))
+  resumed = run(tmp_path)
+  assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
+  assert _logged_steps(metrics)[logged:] == list(range(saved + 1, 91))
+  _, expected = convert.load_converted(str(tmp_path / "straight" / "backbone"))
+  _, actual = convert.load_converted(str(tmp_path / "backbone"))
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
+                         actual, expected)
 
 
 # ---------------------------------------------------------------- fuzz: shapes and routing inputs
