@@ -123,7 +123,10 @@ def demo_config(gin_file: str = DEMO_GIN, gin_flags=()) -> demo.DemoConfig:
   """The demo's settings as its gin file (and ``--gin.NAME=value`` flags) give them, for scripts
   that run its stages."""
   parse_gin([gin_file], gin_flags)
-  return gin.query_parameter("demo.config").scoped_configurable_fn()
+  try:
+    return gin.query_parameter("demo.config").scoped_configurable_fn()
+  finally:
+    gin.clear_config()  # parsing locked gin's registry; a script imports more after this
 
 
 def _gin_command(function):

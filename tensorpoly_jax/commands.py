@@ -68,7 +68,7 @@ def train(model_dir: str, mixture: str, train_config: TrainConfig,
   return export
 
 
-def _task_list(names) -> list[str]:
+def task_list(names) -> list[str]:
   """Task names, with mixtures expanded to their tasks (each task once, in order)."""
   names = [names] if isinstance(names, str) else list(names)
   return list(dict.fromkeys(task for name in names for task in tasks.mixture_task_names(name)))
@@ -84,7 +84,7 @@ def adapt(model_dir: str, backbone_dir: str, adapter_dir: str, heldout, train_co
   Writes ``model_dir/adapt_results.json``: accuracy per task and seed, and seed summaries."""
   backbone = pipeline.load_backbone(backbone_dir, options or RunOptions(),
                                     train_config.make_mesh())
-  results = pipeline.adapt_heldout(model_dir, backbone, adapter_dir, _task_list(heldout), shots,
+  results = pipeline.adapt_heldout(model_dir, backbone, adapter_dir, task_list(heldout), shots,
                                    seeds, train_config, eval_batch_size, length_normalize,
                                    eval_split)
   summary = {task: evaluation.summarize(list(by_seed.values()))
@@ -128,7 +128,7 @@ def evaluate(model_dir: str, backbone_dir: str, heldout, adapter_dir: str | None
   results = {task: pipeline.evaluate_task(model, params, backbone.mesh, task, task_id,
                                           inputs_length, targets_length, split, batch_size,
                                           length_normalize)
-             for task in _task_list(heldout)}
+             for task in task_list(heldout)}
   _write_json(os.path.join(model_dir, "eval_results.json"), {"split": split, "accuracy": results})
   return results
 

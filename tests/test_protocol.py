@@ -11,17 +11,21 @@ spec = importlib.util.spec_from_file_location(
     "embedded_protocol", os.path.join(ROOT, "benchmarks", "embedded_protocol.py"))
 protocol = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(protocol)
-DEMO = cli.demo_config()
 
 
-@pytest.mark.parametrize("method", list(DEMO.methods))
-def test_protocol_tunes_the_demos_adapters_with_one_grid_size(method):
+@pytest.fixture(scope="module")
+def demo():
+  return cli.demo_config()
+
+
+@pytest.mark.parametrize("method", list(protocol.METHOD_FLAGS))
+def test_protocol_tunes_the_demos_adapters_with_one_grid_size(method, demo):
   import gin
 
   cli.parse_gin([f"adapters/{method}.gin", "runs/data_embedded.gin", "runs/sweep.gin"],
                 [f"--gin.{k}={v}" for k, v in protocol.METHOD_FLAGS[method].items()]
                 + ["--gin.BACKBONE_DIR='unused'"], model_dir="unused")
-  assert gin.query_parameter("%ADAPTER").scoped_configurable_fn() == DEMO.methods[method].adapter
+  assert gin.query_parameter("%ADAPTER").scoped_configurable_fn() == demo.methods[method].adapter
   grid = protocol.grid_flags(method)
   assert len(grid) == len(protocol.grid_flags("lora"))  # the same number of points per method
   gin.clear_config()
@@ -72,16 +76,16 @@ def test_report_summary_is_the_mean_over_tasks_of_few_shot_medians():
   assert summary["single_run_range"] == pytest.approx([0.5, 0.85])
 
 
-def test_demo_runs_each_method_at_the_point_the_protocol_chose():
+def test_demo_runs_each_method_at_the_point_the_protocol_chose(demo):
   import json
 
   with open(os.path.join(ROOT, "benchmarks", "results", "embedded_protocol.json")) as f:
     results = json.load(f)
-  assert list(results["methods"]) == list(DEMO.methods)
+  assert list(results["methods"]) == list(demo.methods) == list(protocol.METHOD_FLAGS)
   for method, entry in results["methods"].items():
     point = entry["chosen"]["point"]
-    assert DEMO.methods[method].learning_rate == float(point[protocol.RATE_MACRO[method]]), method
-    assert DEMO.methods[method].pretrain_steps == int(point["PRETRAIN_STEPS"]), method
+    assert demo.methods[method].learning_rate == float(point[protocol.RATE_MACRO[method]]), method
+    assert demo.methods[method].pretrain_steps == int(point["PRETRAIN_STEPS"]), method
 
 
 def test_ablation_table_puts_each_point_in_its_cell():
