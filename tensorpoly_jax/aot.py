@@ -152,7 +152,7 @@ def lower(stage: str, config: T5Config, shapes: StepShapes, mesh, train: trainer
   if stage == "eval":
     args = (merge_params(trainable, frozen), batch["encoder_input_tokens"],
             batch["choice_tokens"], batch.get("task_ids"))
-    return evaluation.jitted_scorer(model, True, mesh).lower(*args), args
+    return evaluation.Scorer(model, mesh).score.lower(*args), args
   steps = trainer.build_steps(model, train, mesh, trainable, trainable_shardings,
                               frozen_shardings)
   state = _abstract(jax.eval_shape(steps.init, trainable, jax.random.PRNGKey(0)),

@@ -124,10 +124,9 @@ def evaluate(model_dir: str, backbone_dir: str, heldout, adapter_dir: str | None
         abstract_variables(EncoderDecoder(config)), backbone.mesh))[0]
     adapter_params = jax.device_put(layout.to_layout(adapter_params, config.scan_layers), shardings)
     params, task_id = merge_params(adapter_params, params), meta.get("task_id")
-  model = EncoderDecoder(config)
-  results = {task: pipeline.evaluate_task(model, params, backbone.mesh, task, task_id,
-                                          inputs_length, targets_length, split, batch_size,
-                                          length_normalize)
+  scorer = evaluation.Scorer(EncoderDecoder(config), backbone.mesh, length_normalize)
+  results = {task: pipeline.evaluate_task(scorer, params, task, task_id, inputs_length,
+                                          targets_length, split, batch_size)
              for task in task_list(heldout)}
   _write_json(os.path.join(model_dir, "eval_results.json"), {"split": split, "accuracy": results})
   return results

@@ -13,12 +13,12 @@ import json
 import os
 import time
 
-from tensorpoly_jax import pipeline
+from tensorpoly_jax import evaluation, pipeline
 from tensorpoly_jax.data import embedded, tasks
 from tensorpoly_jax.methods import AdapterConfig
 from tensorpoly_jax.optimizers import OptimizerConfig
 from tensorpoly_jax.reporting import write_report
-from tensorpoly_jax.t5.model import preset
+from tensorpoly_jax.t5.model import EncoderDecoder, preset
 from tensorpoly_jax.trainer import TrainConfig
 
 EVALUATION_FILE = "evaluation.json"
@@ -108,9 +108,7 @@ def run(model_dir: str, config: DemoConfig) -> dict:
 
 def _zero_shot(backbone: pipeline.Backbone, heldout, split: str, length):
   """The backbone alone, before any adaptation (a held-out task's name is new to it)."""
-  from tensorpoly_jax.t5.model import EncoderDecoder
-
-  model = EncoderDecoder(backbone.config)
-  accuracy = {t: {"-": pipeline.evaluate_task(model, backbone.params, backbone.mesh, t, None,
-                                              split=split, **length)} for t in heldout}
+  scorer = evaluation.Scorer(EncoderDecoder(backbone.config), backbone.mesh)
+  accuracy = {t: {"-": pipeline.evaluate_task(scorer, backbone.params, t, None, split=split,
+                                              **length)} for t in heldout}
   return {"accuracy": accuracy, "adaptation_params": 0}

@@ -12,42 +12,41 @@ from tensorpoly_jax.t5.model import EncoderDecoder
 from tensorpoly_jax.t5.seq2seq import Seq2SeqModel
 
 
-@functools.lru_cache(maxsize=16)
-def jitted_scorer(model: EncoderDecoder, length_normalize: bool, mesh):
-  """``(params, encoder_tokens, choice_tokens, task_ids) -> [b, c]`` scores
-  (``Seq2SeqModel.score_choices``) jitted for ``mesh``: params keep the shardings they were
-  placed with; the scores come back replicated."""
-  score = functools.partial(Seq2SeqModel(model).score_choices, length_normalize=length_normalize)
-  return jax.jit(score, out_shardings=partitioning.replicated(mesh))
+class Scorer:
+  """Rank classification by one model on one mesh: ``score(params, encoder_tokens, choice_tokens,
+  task_ids) -> [b, c]`` (``Seq2SeqModel.score_choices``) is jitted once and compiles once per batch
+  shape, for every task and every params it scores. Params keep the shardings they were placed
+  with; the scores come back replicated."""
 
+  def __init__(self, model: EncoderDecoder, mesh, length_normalize: bool = True):
+    self.mesh = mesh
+    score = functools.partial(Seq2SeqModel(model).score_choices, length_normalize=length_normalize)
+    self.score = jax.jit(score, out_shardings=partitioning.replicated(mesh))
 
-def predict(model: EncoderDecoder, params, mesh, arrays: dict, task_id: int | None,
-            batch_size: int = 32, length_normalize: bool = True) -> np.ndarray:
-  """Predicted choice per example. ``params`` should already be on ``mesh`` (placed once by the
-  caller); batches are split over its ``data`` axis and padded to one shape so the scorer
-  compiles once. Every process passes the same arrays and gets every prediction."""
-  data = mesh.shape["data"]
-  if batch_size % data:
-    raise ValueError(f"eval batch_size={batch_size} must be divisible by the mesh's data axis"
-                     f" ({data}); set EVAL_BATCH_SIZE to a multiple of {data}.")
-  scorer = jitted_scorer(model, length_normalize, mesh)
-  sharding = partitioning.batch_sharding(mesh)
-  total = len(arrays["label"])
-  predictions = []
-  for start in range(0, total, batch_size):
-    index = np.arange(start, start + batch_size) % total
-    ids = None if task_id is None else np.full((batch_size,), task_id, np.int32)
-    batch = jax.device_put((arrays["encoder_input_tokens"][index], arrays["choice_tokens"][index],
-                            ids), sharding)
-    scores = scorer(params, *batch)
-    predictions.append(np.asarray(scores).argmax(-1)[:min(batch_size, total - start)])
-  return np.concatenate(predictions)
+  def predict(self, params, arrays: dict, task_id: int | None,
+              batch_size: int = 32) -> np.ndarray:
+    """Predicted choice per example. ``params`` should already be on the mesh (placed once by
+    the caller); batches are split over its ``data`` axis and padded to one shape. Every process
+    passes the same arrays and gets every prediction."""
+    data = self.mesh.shape["data"]
+    if batch_size % data:
+      raise ValueError(f"eval batch_size={batch_size} must be divisible by the mesh's data axis"
+                       f" ({data}); set EVAL_BATCH_SIZE to a multiple of {data}.")
+    sharding = partitioning.batch_sharding(self.mesh)
+    total = len(arrays["label"])
+    predictions = []
+    for start in range(0, total, batch_size):
+      index = np.arange(start, start + batch_size) % total
+      ids = None if task_id is None else np.full((batch_size,), task_id, np.int32)
+      batch = jax.device_put((arrays["encoder_input_tokens"][index],
+                              arrays["choice_tokens"][index], ids), sharding)
+      scores = self.score(params, *batch)
+      predictions.append(np.asarray(scores).argmax(-1)[:min(batch_size, total - start)])
+    return np.concatenate(predictions)
 
-
-def accuracy(model, params, mesh, arrays, task_id=None, batch_size=32,
-             length_normalize=True) -> float:
-  return float(np.mean(predict(model, params, mesh, arrays, task_id, batch_size,
-                               length_normalize) == arrays["label"]))
+  def accuracy(self, params, arrays: dict, task_id: int | None = None,
+               batch_size: int = 32) -> float:
+    return float(np.mean(self.predict(params, arrays, task_id, batch_size) == arrays["label"]))
 
 
 def summarize(accuracies: list[float]) -> dict[str, float]:

@@ -189,20 +189,21 @@ def adapt_heldout(model_dir: str, backbone: Backbone, adapter_dir: str, heldout,
   """Few-shot adaptation of every held-out task for every seed from one pretrained adapter, each
   evaluated on its task's ``eval_split``; runs in ``model_dir/adapt/<task>_seed<seed>``."""
   pretrained = load_pretrained(backbone, adapter_dir, train)
+  scorer = evaluation.Scorer(pretrained.model, backbone.mesh, length_normalize)
   accuracy: dict[str, dict[str, float]] = {}
   for task in heldout:
     for seed in seeds:
       run_dir = os.path.join(model_dir, "adapt", f"{task}_seed{seed}")
       params = adapt(run_dir, backbone, pretrained, task, shots, seed)
       accuracy.setdefault(task, {})[str(seed)] = value = evaluate_task(
-          pretrained.model, params, backbone.mesh, task, pretrained.task_id, train.inputs_length,
-          train.targets_length, eval_split, eval_batch_size, length_normalize)
+          scorer, params, task, pretrained.task_id, train.inputs_length, train.targets_length,
+          eval_split, eval_batch_size)
       metrics.write_eval(run_dir, value, train.steps)
   return AdaptResults(accuracy, count_params(split_params(params)[0]))
 
 
-def evaluate_task(model: EncoderDecoder, params, mesh, task_name: str, task_id: int | None,
+def evaluate_task(scorer: evaluation.Scorer, params, task_name: str, task_id: int | None,
                   inputs_length: int, targets_length: int, split: str = "validation",
-                  batch_size: int = 32, length_normalize: bool = True) -> float:
+                  batch_size: int = 32) -> float:
   arrays = choices.choice_arrays(task_name, split, inputs_length, targets_length)
-  return evaluation.accuracy(model, params, mesh, arrays, task_id, batch_size, length_normalize)
+  return scorer.accuracy(params, arrays, task_id, batch_size)
