@@ -55,24 +55,28 @@ class DemoConfig:
   inputs_length: int = 48
   targets_length: int = 24
   eval_split: str = "test"  # the report's split; settings are never chosen on it
+  # Every stage's optimizer; its rates are set per stage: the backbone's, or the method's own.
+  optimizer: OptimizerConfig = OptimizerConfig(name="adamw", router_learning_rate=0.1,
+                                               warmup_fraction=0.06)
+  backbone_learning_rate: float = 3e-3
 
   def to_dict(self) -> dict:
     fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
     return {**fields, "sizes": dataclasses.asdict(self.sizes),
+            "optimizer": dataclasses.asdict(self.optimizer),
             "methods": {name: method.to_dict() for name, method in self.methods.items()}}
 
   def train_config(self, stage: str, method: str | None = None) -> TrainConfig:
     """The backbone's settings, or ``method``'s own for its pretraining and adaptation."""
     if stage == "backbone":
-      steps, rate = self.backbone_steps, 3e-3
+      steps, rate = self.backbone_steps, self.backbone_learning_rate
     else:
       settings = self.methods[method]
       steps = {"pretrain": self.pretrain_steps or settings.pretrain_steps,
                "adapt": self.adapt_steps}[stage]
       rate = settings.learning_rate
-    optimizer = OptimizerConfig(name="adamw", learning_rate=rate, adapter_learning_rate=rate,
-                                leaf_learning_rate=rate, router_learning_rate=0.1,
-                                warmup_fraction=0.06)
+    optimizer = dataclasses.replace(self.optimizer, learning_rate=rate,
+                                    adapter_learning_rate=rate, leaf_learning_rate=rate)
     return TrainConfig(steps=steps, batch_size=self.adapt_batch_size if stage == "adapt" else
                        self.batch_size, inputs_length=self.inputs_length,
                        targets_length=self.targets_length, checkpoint_every=steps,
