@@ -15,8 +15,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 from flax.core import unfreeze
+from jax.experimental import multihost_utils
 
-from tensorpoly_jax import paths
+from tensorpoly_jax import distributed, paths
 from tensorpoly_jax.t5 import layout
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -29,9 +30,27 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint written by a different run configuration."""
 
 
+class CheckpointsDamagedError(RuntimeError):
+  """Every checkpoint of a run was damaged and moved aside: nothing is left to resume from."""
+
+
+# What orbax 0.12 / tensorstore 0.1 raise when a finished step's files are missing, cut short or
+# altered (found by truncating, emptying, deleting and bit-flipping each file of a saved step):
+# a JSON file (meta, state/_METADATA, array_metadatas) cut or altered gives JSONDecodeError or
+# UnicodeDecodeError, one deleted FileNotFoundError, an item folder deleted KeyError('Item ... was
+# not found in the checkpoint'), and a data file or OCDBT manifest gives tensorstore's status:
+# NOT_FOUND (deleted), OUT_OF_RANGE (cut), DATA_LOSS (altered), FAILED_PRECONDITION (an
+# undecodable zstd stream), raised as a ValueError or as the cause of orbax's read error.
+# Anything else (RESOURCE_EXHAUSTED or MemoryError, PERMISSION_DENIED, UNAVAILABLE, a bug) says
+# nothing about the files and propagates.
+DAMAGE_STATUSES = ("NOT_FOUND", "OUT_OF_RANGE", "DATA_LOSS", "FAILED_PRECONDITION")
+
+
 def manager(directory: str, keep: int) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-  return ocp.CheckpointManager(paths.resolve(directory), options=options)
+  # Handlers by item name let ``item_metadata`` read a step's tree before restoring it.
+  handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(paths.resolve(directory), options=options, item_handlers=handlers)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
@@ -44,45 +63,124 @@ def restore_latest(directory: str, keep: int, abstract_state, meta: dict):
   """``(manager, state, step)`` from the newest readable checkpoint (``(manager, None, 0)`` if
   there is none).
 
-  An unreadable checkpoint (half-written, truncated) is moved aside to
-  ``<directory>_corrupt/<step>`` with a warning naming it, never deleted or overwritten, and the
-  previous one is tried. A readable checkpoint of another configuration raises
-  CheckpointMismatchError before any step runs.
+  Only a damaged checkpoint (``damage_in``: missing, cut or altered files) is moved aside to
+  ``<directory>_corrupt/<step>``, by process 0 once every process agrees (one host's failed read
+  is enough), with a warning naming it, never deleted; the previous one is tried. If none is left,
+  CheckpointsDamagedError: a run never starts over from step 0 on its own. A readable checkpoint
+  of another configuration (meta fields, or the state's paths, shapes and dtypes: another
+  optimizer or adapter shape) raises CheckpointMismatchError before any step runs; any other
+  error propagates as it was raised.
   """
   while True:
     mngr = manager(directory, keep)
     step = mngr.latest_step()
     if step is None:
+      _refuse_if_quarantined(directory, mngr)
       return mngr, None, 0
     where = str(mngr.directory / str(step))
     try:
-      saved_meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-      check_meta(saved_meta, meta, where)
-      restored = mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state)))
-      return mngr, restored["state"], step
-    except CheckpointMismatchError:
-      mngr.close()
-      raise
-    except Exception as err:  # orbax/tensorstore raise many types for damaged files
-      mngr.close()
-      moved = quarantine(directory, step)
-      warnings.warn(f"checkpoint {where} is unreadable ({type(err).__name__}: {err}); moved it to"
-                    f" {moved} and falling back to the previous checkpoint.", RuntimeWarning)
+      state, damage = _restore(mngr, step, abstract_state, meta, where), None
+    except Exception as err:
+      damage = damage_in(err)
+      if damage is None:
+        mngr.close()
+        raise
+      state = None
+    if not distributed.any_process(damage is not None):
+      return mngr, state, step
+    mngr.close()
+    moved = quarantine(directory, step)
+    # tensorstore's messages go on with the whole store spec: its first lines say what broke.
+    reason = (f"{type(damage).__name__}: {str(damage)[:300]}" if damage is not None
+              else "another process could not read it")
+    warnings.warn(f"checkpoint {where} is damaged ({reason}); moved it to {moved} and falling back"
+                  " to the previous checkpoint.", RuntimeWarning)
+
+
+def _restore(mngr: ocp.CheckpointManager, step: int, abstract_state, meta: dict, where: str):
+  saved_meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  check_meta(saved_meta, meta, where)
+  saved_tree = mngr.item_metadata(step).get("state")
+  if saved_tree is None:  # orbax restores without it, but every save writes it
+    raise FileNotFoundError(f"{where} has no state tree metadata (state/_METADATA)")
+  check_structure(saved_tree.tree, abstract_state, where)
+  return mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state)))["state"]
+
+
+def damage_in(err: BaseException) -> BaseException | None:
+  """The error in ``err`` or its causes that says the step's files are damaged (see
+  ``DAMAGE_STATUSES``), or None: orbax raises tensorstore's errors as causes of its own."""
+  while err is not None:
+    if isinstance(err, (json.JSONDecodeError, UnicodeDecodeError, FileNotFoundError)):
+      return err
+    if isinstance(err, KeyError) and "was not found in the checkpoint" in str(err):
+      return err
+    if isinstance(err, ValueError) and str(err).split(":", 1)[0] in DAMAGE_STATUSES:
+      return err
+    err = err.__cause__
+  return None
 
 
 def quarantine(directory: str, step: int) -> str:
-  """Moves checkpoint ``step`` out of the manager's sight, keeping every byte of it."""
+  """Moves checkpoint ``step`` out of the manager's sight, keeping every byte of it: process 0
+  moves it and every process waits for that before listing the steps again. Returns where it went
+  (on the other processes: the folder it went into)."""
   source = paths.resolve(directory)
-  target_root = source.parent / f"{source.name}_corrupt"
-  target_root.mkdir(parents=True, exist_ok=True)
-  target = target_root / f"{step}"
-  suffix = 1
-  while target.exists():
-    target = target_root / f"{step}.{suffix}"
-    suffix += 1
-  (source / str(step)).rename(target)
+  target = _quarantine_root(directory)
+  if jax.process_index() == 0:
+    target.mkdir(parents=True, exist_ok=True)
+    target, suffix = target / f"{step}", 1
+    while target.exists():
+      target = target.parent / f"{step}.{suffix}"
+      suffix += 1
+    (source / str(step)).rename(target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"tensorpoly quarantine {directory} {step}")
   return str(target)
+
+
+def _quarantine_root(directory: str):
+  source = paths.resolve(directory)
+  return source.parent / f"{source.name}_corrupt"
+
+
+def _refuse_if_quarantined(directory: str, mngr: ocp.CheckpointManager) -> None:
+  """Closes ``mngr`` and raises CheckpointsDamagedError when every checkpoint was moved aside as
+  damaged (by this run or an earlier one): starting over from step 0 is for the user to choose."""
+  root = _quarantine_root(directory)
+  if root.exists() and any(root.iterdir()):
+    mngr.close()
+    steps = ", ".join(sorted((p.name for p in root.iterdir()), key=lambda name: (len(name), name)))
+    raise CheckpointsDamagedError(
+        f"every checkpoint in {directory} was damaged and moved to {root} (steps {steps}); there"
+        " is nothing left to resume from, and a run does not start over from step 0 on its own."
+        f" To start over deliberately, move {root} out of the way (keep it to inspect the damaged"
+        " files) or use a new --model_dir, and run the same command again.")
+
+
+def check_structure(saved_tree, abstract_state, where: str) -> None:
+  """Refuses a checkpoint whose state has other paths, shapes or dtypes than this run's (another
+  optimizer or adapter shape): orbax would refuse some of them with its own message and silently
+  cast the dtypes."""
+  saved, expected = ocp.tree.to_flat_dict(saved_tree), ocp.tree.to_flat_dict(abstract_state)
+  differences = []
+  for path in sorted(set(saved) | set(expected)):
+    have, want = _array_type(saved.get(path)), _array_type(expected.get(path))
+    if have != want:
+      differences.append(f"{'/'.join(path)}: checkpoint {have} vs run {want}")
+  if differences:
+    raise CheckpointMismatchError(
+        f"checkpoint {where} holds a train state of another structure ({len(differences)}"
+        f" differences: {'; '.join(differences[:6])}{'; ...' if len(differences) > 6 else ''}):"
+        " it was written with another optimizer or adapter shape. Use a new --model_dir, or the"
+        " configuration that wrote it.")
+
+
+def _array_type(value) -> str:
+  if value is None:
+    return "absent"
+  return f"{np.dtype(value.dtype).name}{list(value.shape)}"
 
 
 def check_meta(saved: dict, expected: dict, where: str) -> None:
@@ -108,19 +206,19 @@ def abstract(tree):
 
 def export_adapter(model_dir: str, name: str, adapter_params, meta: dict) -> str:
   """Writes only the adapter and router params (safetensors) and their config (JSON) to
-  ``model_dir/name``, refusing a path (``..``, a symlink) that resolves outside ``model_dir``."""
+  ``model_dir/name`` as one folder (``paths.write_folder``: an older export is replaced whole),
+  refusing a path (``..``, a symlink) that resolves outside ``model_dir``."""
   from safetensors.numpy import save
 
   _check_inside(model_dir, name)
   directory = paths.resolve(model_dir) / name
-  directory.mkdir(parents=True, exist_ok=True)
   # One file layout whatever the run's: per-layer names, as HF conversion and T5X use.
   flat = traverse_util.flatten_dict(layout.unstack_layers(unfreeze(adapter_params)))
   # safetensors writes an array's buffer as if it were C-ordered: a transposed view would be
   # saved scrambled.
-  (directory / ADAPTER_FILE).write_bytes(
-      save({"/".join(k): np.ascontiguousarray(jax.device_get(v)) for k, v in flat.items()}))
-  (directory / ADAPTER_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+  weights = save({"/".join(k): np.ascontiguousarray(jax.device_get(v)) for k, v in flat.items()})
+  paths.write_folder(directory, {ADAPTER_FILE: weights,
+                                 ADAPTER_META: json.dumps(meta, indent=2, sort_keys=True)})
   return str(directory)
 
 

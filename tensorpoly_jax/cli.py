@@ -7,26 +7,22 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import os
 import re
 import subprocess
 import sys
+import tokenize
+import traceback
 
 import gin
 
-from tensorpoly_jax import aot, commands, demo, distributed
+from tensorpoly_jax import aot, checkpoints, commands, demo, distributed, run_lock
+from tensorpoly_jax import cli_reference as reference
 from tensorpoly_jax import configurables  # noqa: F401 (registers the configs' gin names)
-from tensorpoly_jax.data import embedded
+from tensorpoly_jax.cli_reference import CONFIGS
+from tensorpoly_jax.data import embedded, sources, t0
 
-
-def _configs_dir() -> str:
-  """The gin files: inside an installed package, or the checkout's ``configs/`` (editable)."""
-  here = os.path.dirname(os.path.abspath(__file__))
-  installed = os.path.join(here, "configs")
-  return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(here), "configs")
-
-
-CONFIGS = _configs_dir()  # also T5X's --gin_search_paths for configs/t5x/*.gin
 # gin wraps the functions: the CLI calls these wrapped versions, which read the bindings.
 CONFIGURED = {fn.__name__: gin.external_configurable(fn, module="tensorpoly_jax")
               for fn in (commands.data_setup, commands.train, commands.adapt, commands.evaluate,
@@ -34,14 +30,34 @@ CONFIGURED = {fn.__name__: gin.external_configurable(fn, module="tensorpoly_jax"
 CONFIGURED["demo"] = gin.external_configurable(demo.run, "demo", module="tensorpoly_jax")
 for _cls in (demo.DemoConfig, demo.Method, embedded.Sizes):  # runs/demo.gin's settings
   gin.external_configurable(_cls, module="tensorpoly_jax")
+gin.external_configurable(t0.Protocol, "T0Protocol", module="tensorpoly_jax")  # runs/data_t0.gin
 DEMO_GIN, DEMO_QUICK_GIN = "runs/demo.gin", "runs/demo_quick.gin"
 
 GIN_FLAG = re.compile(r"--gin\.([A-Za-z_][\w./]*)=(.*)", re.S)
+# Refusals a user fixes by changing the command line, the gin files or the data: one line on
+# stderr and exit 2 (gin's parse errors are SyntaxError and tokenize.TokenError). gin's lookups
+# raise ValueError, so a KeyError stays a bug, with its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, SyntaxError, tokenize.TokenError,
+               sources.DataSourceError, run_lock.ModelDirLocked,
+               checkpoints.CheckpointsDamagedError)
 
 
 def parse_gin(gin_files, gin_flags, model_dir=None, search_paths=()) -> None:
-  """Parses the files, then the flag bindings; a flag that names no macro the files define, or a
-  parameter gin does not know, fails here, before any work."""
+  """Parses the files, then the flag bindings; a flag that names no macro the files define, a
+  parameter gin does not know, or a required macro left unset fails here, before any work."""
+  _read_gin(gin_files, gin_flags, model_dir, search_paths)
+  unset = reference.unset_macros()
+  if unset:
+    flags = ["--model_dir=DIR" if name == "MODEL_DIR" else f"--gin.{name}=\"'...'\""
+             for name in unset]
+    them = "it" if len(unset) == 1 else "them"
+    raise ValueError(f"{', '.join(unset)} must be set (the gin files leave {them}"
+                     f" %gin.REQUIRED): add {' '.join(flags)}.")
+  gin.finalize()
+
+
+def _read_gin(gin_files, gin_flags, model_dir=None, search_paths=()) -> None:
+  """The files, then ``MODEL_DIR`` and the flag bindings, unchecked for required macros."""
   gin.clear_config()
   roots = (*search_paths, CONFIGS, os.getcwd())
   for path in roots:  # for `include`s inside the files
@@ -58,7 +74,6 @@ def parse_gin(gin_files, gin_flags, model_dir=None, search_paths=()) -> None:
       _check_macro(name)
     bindings.append(f"{name} = {value}")
   gin.parse_config(bindings)
-  gin.finalize()
 
 
 def _find_gin_file(name: str, roots) -> str:
@@ -75,11 +90,10 @@ def _check_macro(name: str) -> None:
   try:
     gin.query_parameter(f"{name}/macro.value")
   except ValueError:
-    # gin's public config text lists every macro as a top-level `NAME = value` line.
-    known = sorted(set(re.findall(r"^([A-Za-z_]\w*) = ", gin.config_str(), re.MULTILINE)))
+    known = reference.defined_macros()
     close = difflib.get_close_matches(name, known, n=3)
     raise ValueError(f"--gin.{name}: no gin file defines the macro {name}"
-                     f"{'; did you mean ' + ', '.join(close) + '?' if close else ''}"
+                     f"{'; did you mean ' + ', '.join(close) + '?' if close else '.'}"
                      f" Known macros: {', '.join(known)}.") from None
 
 
@@ -112,9 +126,15 @@ def _import(args) -> int:
   return 0
 
 
-def _demo(args, gin_flags) -> int:
-  parse_gin([DEMO_QUICK_GIN if args.quick else DEMO_GIN, *args.gin_file], gin_flags,
-            args.model_dir, args.gin_search_paths)
+def parse_command_gin(args) -> None:
+  """Parses what a gin command reads: its own run file (compile, demo), its --gin_files, then
+  ``--model_dir`` and its --gin.NAME=VALUE bindings."""
+  parse_gin([*args.first_gin_files, *args.gin_file], args.gin_flags,
+            getattr(args, "model_dir", None), args.gin_search_paths)
+
+
+def _demo(args) -> int:
+  parse_command_gin(args)
   CONFIGURED["demo"]()
   return 0
 
@@ -130,8 +150,8 @@ def demo_config(gin_file: str = DEMO_GIN, gin_flags=()) -> demo.DemoConfig:
 
 
 def _gin_command(function):
-  def run(args, gin_flags):
-    parse_gin(args.gin_file, gin_flags, args.model_dir, args.gin_search_paths)
+  def run(args):
+    parse_command_gin(args)
     CONFIGURED["data_setup"]()
     CONFIGURED[function]()
     return 0
@@ -139,9 +159,22 @@ def _gin_command(function):
   return run
 
 
-def _compile(args, gin_flags) -> int:
+def _registered_data(args):
+  """Registers the data file's suite: its routing id map, MIXTURE and HELDOUT."""
+  parse_command_gin(args)
+  routing_ids = CONFIGURED["data_setup"]()
+  return routing_ids, reference.macro_value("MIXTURE"), reference.macro_value("HELDOUT")
+
+
+def _data(args) -> int:
+  """Registers a data setup and reads every task of its mixture and held-out tasks; exit 1 when
+  one cannot be used."""
+  return commands.check_data(*_registered_data(args))
+
+
+def _compile(args) -> int:
   """No data and no weights: shapes come from the gin files; exit 1 when the step does not fit."""
-  parse_gin(["runs/compile.gin", *args.gin_file], gin_flags, None, args.gin_search_paths)
+  parse_command_gin(args)
   try:
     CONFIGURED["compile_step"](args.stage, args.topology, json_path=args.json)
   except aot.DoesNotFit as err:
@@ -150,14 +183,11 @@ def _compile(args, gin_flags) -> int:
   return 0
 
 
-def _sweep(args, gin_flags) -> int:
+def _sweep(args) -> int:
   from tensorpoly_jax import sweep
 
-  if not args.model_dir:
-    raise ValueError("sweep needs --model_dir: each point runs in its own folder below it.")
-
   def run_point(point):
-    parse_gin(args.gin_file, [*gin_flags, *sweep.point_flags(point)],
+    parse_gin(args.gin_file, [*args.gin_flags, *sweep.point_flags(point)],
               os.path.join(args.model_dir, sweep.point_name(point)), args.gin_search_paths)
     CONFIGURED["data_setup"]()
     return CONFIGURED["pipeline_run"]()
@@ -166,91 +196,199 @@ def _sweep(args, gin_flags) -> int:
   return 0
 
 
+def _list(args) -> int:
+  """Methods and presets are the code's registries; tasks and macros are what gin files give."""
+  reads_gin = args.what in ("tasks", "macros")
+  if reads_gin and not args.gin_file:
+    raise ValueError(f"list {args.what} reads gin files: give a data file (--gin_file="
+                     f"{' or --gin_file='.join(reference.DATA_FILES)}) and any run files.")
+  if not reads_gin and (args.gin_file or args.gin_flags):
+    raise ValueError(f"list {args.what} reads no gin file; drop --gin_file and --gin.NAME=VALUE.")
+  if args.what == "tasks":
+    routing_ids, mixture, heldout = _registered_data(args)
+    print(reference.task_table(routing_ids, mixture, commands.task_list(mixture),
+                               commands.task_list(heldout)))
+  elif args.what == "macros":  # unfinalized: a required macro left unset is listed, not refused
+    _read_gin(args.gin_file, args.gin_flags, None, args.gin_search_paths)
+    print(reference.macro_table())
+  else:
+    print(reference.method_table() if args.what == "methods" else reference.preset_table())
+  return 0
+
+
+DESCRIPTION = """\
+Multi-task adapters (LoRA, TLoRA, Poly, MHR, TensorPoly-I/II) for T5 and T0 in JAX, run the
+T5X way: gin files (--gin_file), gin bindings (--gin.NAME=VALUE) and a run directory
+(--model_dir)."""
+EPILOG = f"""\
+`tensorpoly COMMAND --help` lists a command's flags, the macros its gin files MUST set and an
+example. A --gin_file is a path, or a name under --gin_search_paths or {CONFIGS}.
+`tensorpoly list methods|presets|tasks|macros` shows what there is to choose from.
+A user error prints one line and exits 2 (--debug adds the traceback)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="tensorpoly", description=__doc__.splitlines()[0])
-  sub = parser.add_subparsers(dest="command", required=True)
+  parser = argparse.ArgumentParser(prog="tensorpoly", description=DESCRIPTION, epilog=EPILOG,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--version", action="version", version=f"%(prog)s {reference.version()}",
+                      help="print the tensorpoly-jax version and exit")
+  sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                              help="one of these; `tensorpoly COMMAND --help` for its flags")
+  add = functools.partial(_add_command, sub)
   for name, function, help_text in (
       ("train", "train", "multi-task training: adapters on a backbone, or the backbone"),
       ("adapt", "adapt", "few-shot adaptation of held-out tasks over seeds, then eval"),
       ("eval", "evaluate", "rank-classification evaluation of a backbone or adapter")):
-    command = sub.add_parser(name, help=help_text)
-    _gin_flags(command)
-    command.set_defaults(run=_gin_command(function), takes_gin=True)
-  sweep = sub.add_parser("sweep", help="a grid over gin macros, one run per point, then a table")
-  _gin_flags(sweep)
+    _add_multihost(add(name, help_text, _gin_command(function), gin=True,
+                       model_dir_help="the run directory: sets the MODEL_DIR macro"))
+  _add_multihost(add(
+      "data", "check a data setup (runs/data_*.gin): rows, templates, dropped rows, one rendered"
+      " example per held-out task; exit 1 if a task cannot be used", _data, gin=True))
+  sweep = add("sweep", "a grid over gin macros, one run per point, then a table", _sweep,
+              gin=True, model_dir_help="the sweep's directory: each point runs in its own folder"
+              " below it (its MODEL_DIR)")
   sweep.add_argument("--sweep", action="append", required=True, metavar="MACRO=v1,v2,...",
                      help="a macro and its values; repeat for a grid")
-  sweep.set_defaults(run=_sweep, takes_gin=True)
-  compile_ = sub.add_parser(
-      "compile", help="ahead-of-time compile of a step for a TPU topology: memory, time, FLOPs")
-  _gin_flags(compile_)
-  compile_.add_argument("--stage", choices=aot.STAGES, default="pretrain")
-  compile_.add_argument("--topology", default="local",
+  _add_multihost(sweep)
+  compile_ = add("compile", "ahead-of-time compile of a step for a TPU topology: memory, time,"
+                 " FLOPs", _compile, gin=True)
+  compile_.set_defaults(first_gin_files=("runs/compile.gin",))
+  compile_.add_argument("--stage", choices=aot.STAGES, default="pretrain",
+                        help="the step to compile (default: %(default)s)")
+  compile_.add_argument("--topology", default="local", metavar="NAME",
                         help="a TPU topology (v4:2x2x4, v5e:4x4; needs libtpu) or 'local'")
-  compile_.add_argument("--json", default=None, help="also write the report here")
-  compile_.set_defaults(run=_compile, takes_gin=True)
-  demo_ = sub.add_parser("demo", help="the whole pipeline on the embedded mini-T0 suite"
-                         f" ({DEMO_GIN}, then any --gin_file and --gin.NAME=value)")
-  _gin_flags(demo_)
-  demo_.add_argument("--quick", action="store_true",
+  compile_.add_argument("--json", default=None, metavar="PATH",
+                        help="also write the report here")
+  _add_multihost(compile_)
+  demo_ = add("demo", "the whole pipeline on the embedded mini-T0 suite", _demo, gin=True,
+              model_dir_help=f"the demo's directory (default: MODEL_DIR of {DEMO_GIN}, or of"
+              f" {DEMO_QUICK_GIN} with --quick)")
+  demo_.add_argument("--quick", action="store_const", dest="first_gin_files",
+                     const=(DEMO_QUICK_GIN,), default=(DEMO_GIN,),
                      help=f"the smoke-test size ({DEMO_QUICK_GIN}; minutes)")
-  demo_.set_defaults(run=_demo, takes_gin=True)
-  convert = sub.add_parser("convert", help="Hugging Face T5/T0 checkpoint -> Flax params")
+  _add_multihost(demo_)
+  listing = add("list", "what there is to choose from: adapter methods, model presets, a data"
+                " file's tasks, gin files' macros", _list, gin=True)
+  listing.add_argument("what", choices=("methods", "presets", "tasks", "macros"),
+                       help="methods: adapters/*.gin; presets: models/*.gin; tasks: the mixture"
+                       " and held-out tasks of a runs/data_*.gin; macros: every macro of the"
+                       " --gin_files and its value")
+  _add_file_commands(add)
+  return parser
+
+
+def _add_file_commands(add) -> None:
+  """The commands that read and write files, with no gin."""
+  convert = add("convert", "Hugging Face T5/T0 checkpoint -> Flax params", _convert)
   convert.add_argument("--checkpoint_dir", required=True,
                        help="folder with config.json and model.safetensors (or its shards), or a"
                        " Hugging Face hub id (bigscience/T0_3B) where the hub is reachable")
-  convert.add_argument("--output_dir", required=True)
-  convert.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  convert.add_argument("--output_dir", required=True,
+                       help="where the converted backbone goes (the BACKBONE_DIR of runs)")
+  convert.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                       help="the stored params' dtype (default: %(default)s; bfloat16 for T0 on"
+                       " TPU: `tensorpoly compile` shows why)")
   convert.add_argument("--allow_pickle", action="store_true",
                        help="read pytorch_model.bin pickles (with torch.load(weights_only=True))")
   convert.add_argument("--scan_layers", action="store_true",
                        help="store the layers stacked, as scanned presets (xl, xxl, T0) run them")
-  convert.set_defaults(run=_convert)
-  export = sub.add_parser("export", help="an adapter export -> PEFT (Hugging Face T5)")
-  export.add_argument("--format", choices=("peft",), default="peft")
+  peft_format = dict(choices=("peft",), default="peft",
+                     help="the other side's format (only PEFT: Hugging Face's peft library)")
+  export = add("export", "an adapter export -> PEFT (Hugging Face T5)", _export)
+  export.add_argument("--format", **peft_format)
   export.add_argument("--adapter_dir", required=True, help="a tensorpoly adapter export folder")
-  export.add_argument("--output_dir", required=True)
+  export.add_argument("--output_dir", required=True,
+                      help="where the PEFT adapter folder goes (PeftModel.from_pretrained)")
   export.add_argument("--task_id", type=int, default=None,
                       help="export this task's rank-r LoRA (default: an adapted export's task;"
                       " needed for multi-task TensorPoly adapters)")
   export.add_argument("--base_model", default=None,
                       help="PEFT's base_model_name_or_path, e.g. bigscience/T0_3B")
-  export.set_defaults(run=_export)
-  import_ = sub.add_parser("import", help="a PEFT LoRA / Poly adapter of T5 -> an adapter export")
-  import_.add_argument("--format", choices=("peft",), default="peft")
-  import_.add_argument("--peft_dir", required=True)
+  import_ = add("import", "a PEFT LoRA / Poly adapter of T5 -> an adapter export", _import)
+  import_.add_argument("--format", **peft_format)
+  import_.add_argument("--peft_dir", required=True,
+                       help="a PEFT adapter folder (adapter_config.json and its weights)")
   import_.add_argument("--backbone_dir", required=True, help="the converted backbone it adapts")
-  import_.add_argument("--output_dir", required=True)
-  import_.set_defaults(run=_import)
-  install = sub.add_parser("install-templates",
-                           help="install the promptsource (P3) templates for the T0 tasks")
-  install.set_defaults(run=_install_templates)
-  return parser
+  import_.add_argument("--output_dir", required=True,
+                       help="where the adapter export goes (the ADAPTER_DIR of runs)")
+  add("install-templates", "install the promptsource (P3) templates for the T0 tasks",
+      _install_templates)
 
 
-def _gin_flags(command) -> None:
-  command.add_argument("--gin_file", action="append", default=[], help="a gin file (repeatable)")
-  command.add_argument("--gin_search_paths", action="append", default=[])
-  command.add_argument("--model_dir", default=None, help="sets the MODEL_DIR macro")
-  distributed.add_flags(command)
+def _add_command(sub, name: str, help_text: str, run, gin: bool = False,
+                 model_dir_help: str | None = None):
+  """A subcommand with its epilog and --debug; a ``gin`` one takes --gin_file and gin bindings,
+  and --model_dir where ``model_dir_help`` says what it is."""
+  command = sub.add_parser(name, help=help_text, description=help_text,
+                           epilog=reference.epilog(name, model_dir_help is not None),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+  command.set_defaults(run=run)
+  command.add_argument("--debug", action="store_true",
+                       help="on a user error, print the traceback too")
+  if gin:
+    command.set_defaults(first_gin_files=())
+    command.add_argument("--gin_file", action="append", default=[], metavar="FILE",
+                         help="a gin file: a path, or a name under --gin_search_paths or the"
+                         " configs folder (repeatable; later files override earlier ones)")
+    command.add_argument("--gin_search_paths", action="append", default=[], metavar="DIR",
+                         help="a folder to look for --gin_file names and their includes in,"
+                         " before the configs folder (repeatable)")
+    command.add_argument_group("gin bindings", reference.GIN_BINDINGS)
+  if model_dir_help:
+    command.add_argument("--model_dir", default=None, required=name == "sweep", metavar="DIR",
+                         help=model_dir_help)
+  return command
+
+
+def _add_multihost(command) -> None:
+  """The flags of a command that runs JAX work: it joins a multi-host run first (main)."""
+  distributed.add_flags(command.add_argument_group(
+      "multi-host run", "all three, or none to let JAX detect the cluster (SLURM, Open MPI, TPU"
+      " VM);\nthe TENSORPOLY_* environment variables stand in for them"))
+
+
+def parse_args(argv) -> argparse.Namespace:
+  """Argparse for the flags, and --gin.NAME=VALUE bindings (``args.gin_flags``), which argparse
+  cannot declare (their names are the gin files'); anything else argparse does not know is
+  refused, not passed on."""
+  parser = build_parser()
+  is_gin = lambda arg: arg.startswith("--gin.")
+  args, unknown = parser.parse_known_args([arg for arg in argv if not is_gin(arg)])
+  args.gin_flags = [arg for arg in argv if is_gin(arg)]
+  if args.gin_flags and not hasattr(args, "gin_file"):
+    unknown = [*args.gin_flags, *unknown]
+  if unknown:
+    parser.error(f"{args.command}: unrecognized arguments: {' '.join(unknown)}"
+                 f" (`tensorpoly {args.command} --help` lists its flags)")
+  return args
 
 
 def main(argv=None) -> int:
+  """Runs one command; returns its exit status.
+
+  As the ``tensorpoly`` program (``argv`` None: the console script, ``python -m tensorpoly_jax``),
+  a user error (USER_ERRORS) prints one line, ``tensorpoly: error: ...``, and returns 2, with its
+  traceback only under --debug; any other exception is a bug and keeps its traceback (exit 1).
+  Called with an ``argv`` list (tests, scripts), every exception reaches the caller."""
   from tensorpoly_jax.trainer import Preempted
 
-  parser = build_parser()
-  args, rest = parser.parse_known_args(argv)
-  if rest and not getattr(args, "takes_gin", False):
-    parser.error(f"unrecognized arguments: {' '.join(rest)}")
-  if hasattr(args, "process_id"):  # commands that run JAX work join a multi-host run first
-    distributed.initialize(distributed.group_from_args(args))
+  args = parse_args(sys.argv[1:] if argv is None else argv)
   try:
-    if getattr(args, "takes_gin", False):
-      return args.run(args, rest)
+    if hasattr(args, "process_id"):  # commands that run JAX work join a multi-host run first
+      distributed.initialize(distributed.group_from_args(args))
     return args.run(args)
   except Preempted as notice:  # a clean stop: the checkpoint is written
     print(f"tensorpoly: {notice}", file=sys.stderr)
     return 0
+  except USER_ERRORS as err:
+    if argv is not None:
+      raise
+    if args.debug:
+      traceback.print_exc()
+    # gin appends "In call to configurable ..." lines to errors raised inside configurables.
+    message = re.sub(r"\n  In call to configurable [^\n]*", "", str(err))
+    print(f"tensorpoly: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -2,15 +2,14 @@
 with gin). Results go to JSON files in the model directory."""
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 import numpy as np
 
 from tensorpoly_jax import (aot, checkpoints, evaluation, partitioning, paths, peft_bridge,
-                           pipeline)
-from tensorpoly_jax.data import tasks
+                           pipeline, records)
+from tensorpoly_jax.data import check, fewshot, tasks
 from tensorpoly_jax.methods import AdapterConfig, from_dict
 from tensorpoly_jax.t5 import convert as t5_convert
 from tensorpoly_jax.t5 import layout
@@ -18,7 +17,7 @@ from tensorpoly_jax.t5.model import (EncoderDecoder, RunOptions, T5Config, abstr
                                      merge_params, preset, split_params)
 from tensorpoly_jax.trainer import TrainConfig
 
-SUITES = ("embedded", "t0")
+SUITES = ("embedded", "t0", "files")
 
 
 def model_config(preset_name: str = "tiny", dtype: str = "float32", remat: str = "none",
@@ -30,8 +29,20 @@ def model_config(preset_name: str = "tiny", dtype: str = "float32", remat: str =
 
 def data_setup(suite: str = "embedded", seed: int = 0, data_dir: str | None = None,
                vocabulary_dir: str | None = None, examples_per_task: int | None = None,
-               anli_eval: str = "test") -> dict[str, int]:
-  """Registers the tasks a run reads; returns the training mixture's routing id map."""
+               protocol=None, manifest: str | None = None,
+               task_module: str | None = None) -> dict[str, int]:
+  """Registers the tasks a run reads; returns the training mixture's routing id map.
+
+  ``protocol`` (a ``t0.Protocol``) sets how the T0 suite departs from T-Few's protocol.
+  ``manifest`` names the files suite's training and held-out tasks (default
+  ``DATA_DIR/manifest.json``). ``task_module`` (a module name or a ``.py`` path) is imported
+  first, for any suite: its import registers the user's own seqio tasks and mixtures."""
+  from tensorpoly_jax.data import files
+
+  if task_module is not None:
+    files.import_task_module(task_module)
+  if suite == "files":
+    return files.register_files(data_dir, manifest, vocabulary_dir)
   if suite == "embedded":
     return tasks.register_embedded(seed)
   if suite == "t0":
@@ -41,15 +52,28 @@ def data_setup(suite: str = "embedded", seed: int = 0, data_dir: str | None = No
       raise ValueError("suite='t0' needs VOCABULARY_DIR: the checkpoint folder with spiece.model.")
     vocabulary = tasks.sentencepiece_vocabulary(os.path.join(vocabulary_dir, "spiece.model"))
     return t0.register_t0(vocabulary, data_dir, examples_per_task=examples_per_task,
-                          anli_eval=anli_eval)
+                          protocol=protocol or t0.Protocol())
   raise ValueError(f"data suite {suite!r} is unknown; choose one of {SUITES}.")
 
 
-def _write_json(path: str, payload) -> None:
-  if jax.process_index() == 0:
-    target = paths.resolve(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(payload, indent=2))
+def check_data(routing_ids: dict[str, int], mixture: str, heldout) -> int:
+  """Prints what each task of the training mixture and each held-out task reads; 1 when a task
+  cannot be used, else 0."""
+  training, held = task_list(mixture), task_list(heldout)
+  print(f"training mixture {mixture!r}: {len(training)} tasks; routing id map of"
+        f" {len(routing_ids)} tasks")
+  unusable = []
+  for names, heldout_role in ((training, False), (held, True)):
+    for name in names:
+      report = check.report_task(name, heldout_role)
+      print(check.format_report(report, verbose=heldout_role), flush=True)
+      if report.problems:
+        unusable.append(name)
+  if unusable:
+    print(f"{len(unusable)} task(s) cannot be used: {', '.join(unusable)}")
+    return 1
+  print(f"all {len(training)} training and {len(held)} held-out tasks are usable")
+  return 0
 
 
 def train(model_dir: str, mixture: str, train_config: TrainConfig,
@@ -74,34 +98,57 @@ def task_list(names) -> list[str]:
   return list(dict.fromkeys(task for name in names for task in tasks.mixture_task_names(name)))
 
 
+def check_heldout(heldout, shots: int | None) -> list[str]:
+  """The held-out task names, each checked for a few-shot k its pool can give, before any work."""
+  names = task_list(heldout)
+  for task in names:
+    k = fewshot.num_shots(task, shots)
+    fewshot.sample_indices(tasks.task_info(task).num_examples(tasks.POOL_SPLIT), k, 0)
+  return names
+
+
 def adapt(model_dir: str, backbone_dir: str, adapter_dir: str, heldout, train_config: TrainConfig,
-          shots: int = 16, seeds=(0, 1, 32, 42, 1024), options: RunOptions | None = None,
+          shots: int | None = None, seeds=(0, 1, 32, 42, 1024), options: RunOptions | None = None,
           length_normalize: bool = True, eval_batch_size: int = 32,
           eval_split: str = "validation") -> dict:
   """Few-shot adaptation of every held-out task for every seed, then its ``eval_split``; the
-  backbone is loaded onto the mesh once and shared by every task x seed.
+  backbone is loaded onto the mesh once and shared by every task x seed. ``shots=None`` gives
+  each task its suite's k (T-Few's per-task k on T0).
 
-  Writes ``model_dir/adapt_results.json``: accuracy per task and seed, and seed summaries."""
+  Writes ``model_dir/adapt_results.json`` from every run's record (``pipeline.adapt_heldout``):
+  accuracy per task and seed, seed summaries, and the runs that did not finish, which it then
+  raises naming (``records.raise_unfinished``); a rerun redoes only those."""
+  names = check_heldout(heldout, shots)
   backbone = pipeline.load_backbone(backbone_dir, options or RunOptions(),
                                     train_config.make_mesh())
-  results = pipeline.adapt_heldout(model_dir, backbone, adapter_dir, task_list(heldout), shots,
-                                   seeds, train_config, eval_batch_size, length_normalize,
-                                   eval_split)
+  results = pipeline.adapt_heldout(model_dir, backbone, adapter_dir, names, shots, seeds,
+                                   train_config, eval_batch_size, length_normalize, eval_split)
   summary = {task: evaluation.summarize(list(by_seed.values()))
              for task, by_seed in results.accuracy.items()}
-  payload = {"split": eval_split, "accuracy": results.accuracy, "summary": summary,
-             "mean_of_medians": float(np.mean([s["median"] for s in summary.values()])),
-             "adaptation_params": results.adaptation_params}
-  _write_json(os.path.join(model_dir, "adapt_results.json"), payload)
+  medians = [s["median"] for s in summary.values()]
+  payload = {"split": eval_split, "shots": results.shots, "accuracy": results.accuracy,
+             "summary": summary, "mean_of_medians": float(np.mean(medians)) if medians else None,
+             "adaptation_params": results.adaptation_params, "unfinished": results.unfinished}
+  paths.write_json(os.path.join(model_dir, "adapt_results.json"), payload)
+  records.raise_unfinished(results.unfinished)
   return payload
 
 
 def pipeline_run(model_dir: str, backbone_dir: str, adapter: AdapterConfig, mixture: str,
                  heldout, pretrain_config: TrainConfig, adapt_config: TrainConfig,
-                 shots: int = 16, seeds=(0, 1, 32), options: RunOptions | None = None,
-                 eval_split: str = "validation") -> dict:
-  """Adapter pretraining, then few-shot adaptation and evaluation of the held-out tasks (one
-  sweep point: it chooses settings, so it evaluates on the validation split unless told)."""
+                 shots: int | None = None, seeds=(0, 1, 32), options: RunOptions | None = None,
+                 eval_split: str = "validation", selection_split: str | None = "validation") -> dict:
+  """Adapter pretraining, then few-shot adaptation and evaluation of the held-out tasks: one sweep
+  point, which chooses settings on ``selection_split``, or the report of a chosen point on
+  ``eval_split``. A suite with no selection split (T0) refuses before any work."""
+  if selection_split is None:
+    raise ValueError(
+        "this data suite has no split to choose settings on (SELECTION_SPLIT = None): T0's"
+        " held-out tasks report on their evaluation split and their few-shot pools are their"
+        " training data, so a sweep, or the report of a swept point, would choose on the reported"
+        " split. Fix the settings in advance and run runs/pretrain.gin, then runs/adapt.gin (the"
+        " T-Few protocol), or sweep on a suite that has a selection split.")
+  check_heldout(heldout, shots)
   adapter_dir = train(model_dir, mixture, pretrain_config, adapter, backbone_dir, options=options)
   return adapt(model_dir, backbone_dir, adapter_dir, heldout, adapt_config, shots, seeds, options,
                eval_split=eval_split)
@@ -110,9 +157,10 @@ def pipeline_run(model_dir: str, backbone_dir: str, adapter: AdapterConfig, mixt
 def evaluate(model_dir: str, backbone_dir: str, heldout, adapter_dir: str | None = None,
              split: str = "validation", inputs_length: int = 256, targets_length: int = 256,
              length_normalize: bool = True, batch_size: int = 32,
-             options: RunOptions | None = None, model_parallel: int = 1) -> dict:
+             options: RunOptions | None = None, model_parallel: int = 1, seed: int = 0) -> dict:
   """Rank-classification accuracy of a backbone, optionally with an exported adapter (an adapted
-  one routes with the task id saved beside it), with the params placed on the mesh once.
+  one routes with the task id saved beside it and draws each example's template with its
+  few-shot seed, as its adaptation run did), with the params placed on the mesh once.
   Writes ``model_dir/eval_results.json``."""
   backbone = pipeline.load_backbone(backbone_dir, options or RunOptions(),
                                     partitioning.make_mesh(model_parallel))
@@ -124,11 +172,13 @@ def evaluate(model_dir: str, backbone_dir: str, heldout, adapter_dir: str | None
         abstract_variables(EncoderDecoder(config)), backbone.mesh))[0]
     adapter_params = jax.device_put(layout.to_layout(adapter_params, config.scan_layers), shardings)
     params, task_id = merge_params(adapter_params, params), meta.get("task_id")
+    seed = meta.get("seed", seed)
   scorer = evaluation.Scorer(EncoderDecoder(config), backbone.mesh, length_normalize)
   results = {task: pipeline.evaluate_task(scorer, params, task, task_id, inputs_length,
-                                          targets_length, split, batch_size)
+                                          targets_length, split, batch_size, seed)
              for task in task_list(heldout)}
-  _write_json(os.path.join(model_dir, "eval_results.json"), {"split": split, "accuracy": results})
+  paths.write_json(os.path.join(model_dir, "eval_results.json"),
+                   {"split": split, "accuracy": results})
   return results
 
 
@@ -170,7 +220,7 @@ def compile_step(stage: str, topology: str, model: T5Config, adapter: AdapterCon
                              shapes.train_config(optimizer))
   print(aot.format_report(report))
   if json_path:
-    _write_json(json_path, report)
+    paths.write_json(json_path, report)
   if report["fits"] is False:
     raise aot.DoesNotFit(aot.advice(report), report)
   return report

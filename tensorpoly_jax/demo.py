@@ -9,11 +9,10 @@ The settings are gin: ``configs/runs/demo.gin``, and ``runs/demo_quick.gin`` for
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 
-from tensorpoly_jax import evaluation, pipeline
+from tensorpoly_jax import evaluation, paths, pipeline, records
 from tensorpoly_jax.data import embedded, tasks
 from tensorpoly_jax.methods import AdapterConfig
 from tensorpoly_jax.optimizers import OptimizerConfig
@@ -102,12 +101,12 @@ def run(model_dir: str, config: DemoConfig) -> dict:
     adapted = pipeline.adapt_heldout(method_dir, backbone, adapter_dir, heldout, config.shots,
                                      config.seeds, config.train_config("adapt", name),
                                      eval_split=config.eval_split)
+    records.raise_unfinished(adapted.unfinished)  # the report needs every task x seed
     results[name] = dataclasses.asdict(adapted)
   evaluation = {"config": config.to_dict(), "results": results,
                 "seconds": round(time.time() - started, 1)}
-  with open(os.path.join(model_dir, EVALUATION_FILE), "w") as f:
-    json.dump(evaluation, f, indent=2)
-  return write_report(model_dir, os.path.join(model_dir, EVALUATION_FILE))
+  paths.write_json(os.path.join(model_dir, EVALUATION_FILE), evaluation)
+  return write_report(model_dir, evaluation)
 
 
 def _zero_shot(backbone: pipeline.Backbone, heldout, split: str, length):

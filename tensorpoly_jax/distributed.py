@@ -12,6 +12,8 @@ import dataclasses
 import os
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 ENV_PREFIX = "TENSORPOLY_"
 
@@ -89,11 +91,21 @@ def initialize(group: ProcessGroup = ProcessGroup(), environ=os.environ) -> bool
   return False
 
 
+def any_process(flag: bool) -> bool:
+  """Whether ``flag`` holds on any process: a decision every host must take the same way (a
+  checkpoint one host cannot read, a lock process 0 could not take) is taken on this."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
 def add_flags(parser) -> None:
   parser.add_argument("--coordinator_address", default=None,
                       help="host:port of process 0, for a multi-host run without cluster detection")
-  parser.add_argument("--num_processes", type=int, default=None)
-  parser.add_argument("--process_id", type=int, default=None)
+  parser.add_argument("--num_processes", type=int, default=None, metavar="N",
+                      help="how many processes the run has (or TENSORPOLY_NUM_PROCESSES)")
+  parser.add_argument("--process_id", type=int, default=None, metavar="I",
+                      help="this process's index, in [0, num_processes) (or TENSORPOLY_PROCESS_ID)")
 
 
 def group_from_args(args) -> ProcessGroup:

@@ -27,11 +27,13 @@ class Scorer:
               batch_size: int = 32) -> np.ndarray:
     """Predicted choice per example. ``params`` should already be on the mesh (placed once by
     the caller); batches are split over its ``data`` axis and padded to one shape. Every process
-    passes the same arrays and gets every prediction."""
+    passes the same arrays and gets every prediction. Non-finite scores raise ValueError
+    (``check_finite``)."""
     data = self.mesh.shape["data"]
     if batch_size % data:
       raise ValueError(f"eval batch_size={batch_size} must be divisible by the mesh's data axis"
-                       f" ({data}); set EVAL_BATCH_SIZE to a multiple of {data}.")
+                       f" ({data}); bind a multiple of {data}: --gin.evaluate.batch_size=N (tensorpoly"
+                       " eval) or --gin.adapt.eval_batch_size=N (tensorpoly adapt).")
     sharding = partitioning.batch_sharding(self.mesh)
     total = len(arrays["label"])
     predictions = []
@@ -40,13 +42,29 @@ class Scorer:
       ids = None if task_id is None else np.full((batch_size,), task_id, np.int32)
       batch = jax.device_put((arrays["encoder_input_tokens"][index],
                               arrays["choice_tokens"][index], ids), sharding)
-      scores = self.score(params, *batch)
-      predictions.append(np.asarray(scores).argmax(-1)[:min(batch_size, total - start)])
+      scores = np.asarray(self.score(params, *batch))[:min(batch_size, total - start)]
+      check_finite(scores, arrays["choice_tokens"][index[:len(scores)]], start, task_id)
+      predictions.append(scores.argmax(-1))
     return np.concatenate(predictions)
 
   def accuracy(self, params, arrays: dict, task_id: int | None = None,
                batch_size: int = 32) -> float:
     return float(np.mean(self.predict(params, arrays, task_id, batch_size) == arrays["label"]))
+
+
+def check_finite(scores: np.ndarray, choice_tokens: np.ndarray, start: int,
+                 task_id: int | None) -> None:
+  """Refuses NaN or inf scores of present choices (absent ones score -inf on purpose): an argmax
+  over NaN picks choice 0 and would count as a prediction."""
+  present = (choice_tokens > 0).any(-1)
+  rows = np.flatnonzero((present & ~np.isfinite(scores)).any(-1))
+  if rows.size:
+    examples = (start + rows).tolist()
+    raise ValueError(
+        f"task_id={task_id}: the choice scores of examples {examples[:10]}"
+        f"{' ...' if len(examples) > 10 else ''} are not finite (example {examples[0]}:"
+        f" {scores[rows[0]].tolist()}); the scored params hold NaN or inf (a diverged run?) or"
+        " the model overflows in its dtype. Score other params, or check how these were made.")
 
 
 def summarize(accuracies: list[float]) -> dict[str, float]:

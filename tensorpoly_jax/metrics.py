@@ -24,7 +24,7 @@ class MetricLogger:
     if self.enabled:
       directory = paths.resolve(model_dir)
       directory.mkdir(parents=True, exist_ok=True)
-      self._jsonl = (directory / METRICS_FILE).open("a")
+      self._jsonl = paths.open_append(directory / METRICS_FILE)
       from tensorboardX import SummaryWriter
 
       # tensorboardX writes gs:// and s3:// itself (with their client libraries installed).

@@ -152,11 +152,10 @@ def export(adapter_dir: str, output_dir: str, task_id: int | None = None,
 
   config, tensors = to_peft(*checkpoints.load_adapter(adapter_dir), task_id, base_model)
   directory = paths.resolve(output_dir)
-  directory.mkdir(parents=True, exist_ok=True)
   # safetensors writes each buffer as if C-ordered: transposed views must be copied first.
-  (directory / PEFT_WEIGHTS).write_bytes(
-      save({name: np.ascontiguousarray(value) for name, value in tensors.items()}))
-  (directory / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+  weights = save({name: np.ascontiguousarray(value) for name, value in tensors.items()})
+  paths.write_folder(directory, {PEFT_WEIGHTS: weights,
+                                 PEFT_CONFIG: json.dumps(config, indent=2, sort_keys=True)})
   return str(directory)
 
 

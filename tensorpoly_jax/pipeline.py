@@ -12,7 +12,7 @@ import numpy as np
 from flax import traverse_util
 from flax.core import unfreeze
 
-from tensorpoly_jax import checkpoints, evaluation, metrics, partitioning, trainer
+from tensorpoly_jax import checkpoints, evaluation, metrics, partitioning, records, trainer
 from tensorpoly_jax.data import batches, choices, fewshot, tasks
 from tensorpoly_jax.methods import AdapterConfig, from_dict
 from tensorpoly_jax.param_roles import param_role
@@ -174,36 +174,64 @@ def adapt(model_dir: str, backbone: Backbone, pretrained: Pretrained, task_name:
   return result.params
 
 
+ADAPT_RESULT = "result.json"
+
+
 @dataclasses.dataclass(frozen=True)
 class AdaptResults:
-  """Held-out accuracy per task and few-shot seed (``{task: {seed: accuracy}}``), and the size of
-  one adapted task's adapter and router params."""
+  """Held-out accuracy per task and few-shot seed (``{task: {seed: accuracy}}``), the size of
+  one adapted task's adapter and router params, each task's few-shot k, and the runs that did
+  not finish (``{"<task>_seed<seed>": {"status", "error"}}``: ``records.raise_unfinished``)."""
 
   accuracy: dict[str, dict[str, float]]
   adaptation_params: int
+  shots: dict[str, int]
+  unfinished: dict[str, dict[str, str]]
 
 
-def adapt_heldout(model_dir: str, backbone: Backbone, adapter_dir: str, heldout, shots: int,
-                  seeds, train: trainer.TrainConfig, eval_batch_size: int = 32,
+def adapt_heldout(model_dir: str, backbone: Backbone, adapter_dir: str, heldout,
+                  shots: int | None, seeds, train: trainer.TrainConfig, eval_batch_size: int = 32,
                   length_normalize: bool = True, eval_split: str = "validation") -> AdaptResults:
   """Few-shot adaptation of every held-out task for every seed from one pretrained adapter, each
-  evaluated on its task's ``eval_split``; runs in ``model_dir/adapt/<task>_seed<seed>``."""
+  evaluated on its task's ``eval_split``; runs in ``model_dir/adapt/<task>_seed<seed>``.
+  ``shots=None`` gives each task its own k (T-Few's per-task k on T0).
+
+  Each run writes its accuracy, or its error, to ``result.json`` in its folder when it ends (a
+  ``records`` record with the settings below); a rerun reads the finished ones instead of
+  adapting again, and one failed run no longer stops the others."""
   pretrained = load_pretrained(backbone, adapter_dir, train)
   scorer = evaluation.Scorer(pretrained.model, backbone.mesh, length_normalize)
+
+  def adapt_and_score(run_dir: str, task: str, k: int, seed: int) -> dict:
+    params = adapt(run_dir, backbone, pretrained, task, k, seed)
+    value = evaluate_task(scorer, params, task, pretrained.task_id, train.inputs_length,
+                          train.targets_length, eval_split, eval_batch_size, seed)
+    metrics.write_eval(run_dir, value, train.steps)
+    return {"accuracy": value}
+
   accuracy: dict[str, dict[str, float]] = {}
-  for task in heldout:
+  unfinished: dict[str, dict[str, str]] = {}
+  shots_used = {task: fewshot.num_shots(task, shots) for task in heldout}
+  for task, k in shots_used.items():
     for seed in seeds:
-      run_dir = os.path.join(model_dir, "adapt", f"{task}_seed{seed}")
-      params = adapt(run_dir, backbone, pretrained, task, shots, seed)
-      accuracy.setdefault(task, {})[str(seed)] = value = evaluate_task(
-          scorer, params, task, pretrained.task_id, train.inputs_length, train.targets_length,
-          eval_split, eval_batch_size)
-      metrics.write_eval(run_dir, value, train.steps)
-  return AdaptResults(accuracy, count_params(split_params(params)[0]))
+      name = f"{task}_seed{seed}"
+      run_dir = os.path.join(model_dir, "adapt", name)
+      settings = {"task": task, "seed": seed, "shots": k, "split": eval_split,
+                  "adapter_dir": str(adapter_dir), "length_normalize": length_normalize,
+                  "train": dataclasses.asdict(train)}
+      record = records.run_once(os.path.join(run_dir, ADAPT_RESULT), settings,
+                                lambda: adapt_and_score(run_dir, task, k, seed))
+      if record["status"] == records.FINISHED:
+        accuracy.setdefault(task, {})[str(seed)] = record["accuracy"]
+      else:
+        unfinished[name] = {"status": record["status"], "error": record["error"]}
+  adapted = split_params(abstract_variables(pretrained.model)["params"])[0]
+  return AdaptResults(accuracy, count_params(adapted), shots_used, unfinished)
 
 
 def evaluate_task(scorer: evaluation.Scorer, params, task_name: str, task_id: int | None,
                   inputs_length: int, targets_length: int, split: str = "validation",
-                  batch_size: int = 32) -> float:
-  arrays = choices.choice_arrays(task_name, split, inputs_length, targets_length)
+                  batch_size: int = 32, seed: int = 0) -> float:
+  """Accuracy on ``split``, each example under a template drawn with ``seed``."""
+  arrays = choices.evaluation_arrays(task_name, split, inputs_length, targets_length, seed)
   return scorer.accuracy(params, arrays, task_id, batch_size)

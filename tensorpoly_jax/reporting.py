@@ -2,11 +2,11 @@
 tasks, adaptation parameters; printed, written as JSON and drawn as a PNG bar chart."""
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
+from tensorpoly_jax import paths
 from tensorpoly_jax.evaluation import summarize
 
 
@@ -48,18 +48,17 @@ def plot(rows: dict, path: str) -> None:
   ax.set_ylim(0, 100)
   ax.tick_params(axis="x", rotation=30)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  paths.write_figure(path, fig)
   plt.close(fig)
 
 
-def write_report(model_dir: str, evaluation_file: str) -> dict:
-  """Reads the evaluation JSON, prints the table, writes ``report.json`` and ``report.png``."""
-  with open(evaluation_file) as f:
-    evaluation = json.load(f)
+def write_report(model_dir: str, evaluation: dict) -> dict:
+  """Prints the table of an evaluation (as its JSON holds it), writes ``report.json`` and
+  ``report.png``. It takes the evaluation itself, not its file: only process 0 writes that file,
+  and every process prints the table."""
   rows = table(evaluation)
   print(format_table(rows))
-  with open(os.path.join(model_dir, "report.json"), "w") as f:
-    json.dump(rows, f, indent=2)
+  paths.write_json(os.path.join(model_dir, "report.json"), rows)
   plot(rows, os.path.join(model_dir, "report.png"))
-  print(f"wrote {evaluation_file}, report.json and report.png in {model_dir}")
+  print(f"wrote report.json and report.png in {model_dir}")
   return rows

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import signal
 import threading
 import time
@@ -21,7 +20,7 @@ from flax import struct, traverse_util
 from flax.core import unfreeze
 from jax.experimental import multihost_utils
 
-from tensorpoly_jax import checkpoints, losses, optimizers, partitioning, paths
+from tensorpoly_jax import checkpoints, losses, optimizers, partitioning, paths, run_lock
 from tensorpoly_jax.metrics import MetricLogger
 from tensorpoly_jax.optimizers import OptimizerConfig, make_optimizer
 from tensorpoly_jax.param_roles import param_role
@@ -69,7 +68,12 @@ class TrainState:
 
 
 class TrainingDiverged(RuntimeError):
-  """The loss stopped being finite; the last good checkpoint is kept."""
+  """The loss, the gradients or the updated params stopped being finite; the last good checkpoint
+  is kept."""
+
+
+# What each train step checks for NaN and inf, in the order of its ``finite`` metric.
+FINITE_CHECKS = ("loss", "gradients", "updated params")
 
 
 def make_train_step(model: EncoderDecoder, optimizer, mode: str, tfew_weights=(1.0, 1.0, 1.0)):
@@ -80,14 +84,22 @@ def make_train_step(model: EncoderDecoder, optimizer, mode: str, tfew_weights=(1
     rngs = {"dropout": dropout_rng, "routing": routing_rng}
     grad_fn = jax.value_and_grad(lambda p: loss_fn(merge_params(p, frozen), batch, rngs),
                                  has_aux=True)
-    (_, metrics), grads = grad_fn(state.params)
+    (loss, metrics), grads = grad_fn(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # A finite loss can come with NaN gradients (a 0 * inf in a backward pass) and finite
+    # gradients with inf params (an overflowing update): each is checked where it is made.
+    finite = jnp.stack([jnp.isfinite(loss), all_finite(grads), all_finite(params)])
     metrics = {**metrics, "grad_norm": optax.tree.norm(grads), **role_norms("grad_norm", grads),
-               **role_norms("update_norm", updates)}
+               **role_norms("update_norm", updates), "finite": finite}
     return TrainState(state.step + 1, params, opt_state, rng), metrics
 
   return step
+
+
+def all_finite(tree) -> jnp.ndarray:
+  """One device bool: whether every element of every leaf is finite."""
+  return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(tree)]))
 
 
 def role_norms(prefix: str, tree) -> dict:
@@ -142,21 +154,23 @@ class Trainer:
           seed: int | None = None, description: str = "train") -> TrainResult:
     """Trains ``params`` from the latest checkpoint in ``model_dir`` (or from ``params``) to
     ``config.steps``; ``batches(start_step)`` yields this process's numpy batches from that step
-    on; ``seed`` (default the config's) seeds dropout and routing noise."""
+    on; ``seed`` (default the config's) seeds dropout and routing noise. A second run into the
+    same ``model_dir`` is refused while this one holds it (``run_lock``)."""
     paths.check_writable(model_dir)
-    config = self.config if seed is None else dataclasses.replace(self.config, seed=seed)
-    trainable, frozen = (params, {}) if config.train_backbone else split_params(params)
-    steps = self.steps(trainable)
-    frozen = jax.device_put(frozen, self.frozen_shardings)  # a no-op for params on the mesh
-    state = steps.init(jax.device_put(trainable, self.trainable_shardings),
-                       jax.random.PRNGKey(config.seed))
-    mngr, restored, start = checkpoints.restore_latest(
-        str(paths.resolve(model_dir) / "checkpoints"), config.keep_checkpoints,
-        checkpoints.abstract(state), meta)
-    with contextlib.closing(mngr):
-      state = restored if restored is not None else state
-      state, history = _loop(state, frozen, steps.step, batches(start), self.mesh, start, config,
-                             mngr, meta, model_dir, description)
+    with run_lock.hold(model_dir):
+      config = self.config if seed is None else dataclasses.replace(self.config, seed=seed)
+      trainable, frozen = (params, {}) if config.train_backbone else split_params(params)
+      steps = self.steps(trainable)
+      frozen = jax.device_put(frozen, self.frozen_shardings)  # a no-op for params on the mesh
+      state = steps.init(jax.device_put(trainable, self.trainable_shardings),
+                         jax.random.PRNGKey(config.seed))
+      mngr, restored, start = checkpoints.restore_latest(
+          str(paths.resolve(model_dir) / "checkpoints"), config.keep_checkpoints,
+          checkpoints.abstract(state), meta)
+      with contextlib.closing(mngr):
+        state = restored if restored is not None else state
+        state, history = _loop(state, frozen, steps.step, batches(start), self.mesh, start,
+                               config, mngr, meta, model_dir, description)
     return TrainResult(merge_params(state.params, frozen), history, start, state)
 
 
@@ -201,7 +215,7 @@ def _loop(state, frozen, step_fn, batches, mesh, start, config, mngr, meta, mode
 
   Metrics stay on the devices between log points (no host sync per step, which would stall an
   accelerator); they are fetched every ``log_every`` steps and before every checkpoint, so a
-  non-finite loss is caught before a checkpoint could keep it.
+  non-finite loss, gradient or param is caught before a checkpoint could keep it.
   """
   history, pending = [], []
   last_saved = mngr.latest_step()
@@ -237,18 +251,20 @@ def _loop(state, frozen, step_fn, batches, mesh, start, config, mngr, meta, mode
 
 
 def _fetch_finite(pending, mngr, last_saved) -> dict:
-  """The newest step's metrics as floats; raises TrainingDiverged naming the first step (and the
-  unchecked interval) whose loss was not finite."""
+  """The newest step's metrics as floats (without the ``finite`` flags); raises TrainingDiverged
+  naming the first step (and the unchecked interval) whose loss, gradients or updated params were
+  not all finite."""
   values = jax.device_get([metrics for _, metrics in pending])
   for (step, _), metrics in zip(pending, values):
-    loss = float(metrics["loss"])
-    if not math.isfinite(loss):
+    broken = [name for name, ok in zip(FINITE_CHECKS, metrics.pop("finite")) if not ok]
+    if broken:
       kept = (f"checkpoint step {last_saved} in {mngr.directory}" if last_saved
               else "no checkpoint")
       raise TrainingDiverged(
-          f"loss became {loss} at step {step} (steps {pending[0][0]}-{pending[-1][0]} were checked"
-          f" together); stopped without saving it ({kept} is the last good state). Lower the"
-          " learning rate or check the data.")
+          f"{' and '.join(broken)} became non-finite at step {step} (loss {float(metrics['loss'])},"
+          f" grad_norm {float(metrics['grad_norm'])}; steps {pending[0][0]}-{pending[-1][0]} were"
+          f" checked together); stopped without saving it ({kept} is the last good state). Lower"
+          " the learning rate or check the data.")
   return {k: float(v) for k, v in values[-1].items()}
 
 

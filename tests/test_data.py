@@ -142,7 +142,8 @@ def source_rows(task_name: str, split: str) -> list[dict]:
 
 def test_heldout_task_reads_the_eval_split_with_choices(t0_local):
   rows = source_rows("t0__rte", "validation")
-  assert len(rows) == 12
+  templates = t0.heldout_templates("rte")
+  assert len(rows) == 12 * len(templates)  # every example under every template
   assert all(r["answer_choices"][r["label"]] == r["targets"] for r in rows)
   assert any("validation premise number 3." in r["inputs"] for r in rows)
 
@@ -150,12 +151,14 @@ def test_heldout_task_reads_the_eval_split_with_choices(t0_local):
 def test_fewshot_subsets_are_deterministic_rows_of_the_pool_and_disjoint_from_eval(t0_local):
   shots = lambda seed: fewshot.fewshot_arrays("t0__rte", 8, seed, 64, 16)
   a, again, other = shots(42), shots(42), shots(1024)
-  assert all(np.array_equal(a[key], again[key]) for key in a) and len(a["label"]) == 8
+  assert all(np.array_equal(a[key], again[key]) for key in a)
+  assert len(np.unique(a["example"])) == 8
   assert not np.array_equal(a["encoder_input_tokens"], other["encoder_input_tokens"])
   pool = choices.choice_arrays("t0__rte", "train", 64, 16)
-  index = fewshot.sample_indices(len(pool["label"]), 8, 42)
+  index = fewshot.sample_indices(40, 8, 42)
+  drawn = np.isin(pool["example"], index)
   for key in a:
-    np.testing.assert_array_equal(a[key], pool[key][index])
+    np.testing.assert_array_equal(a[key], pool[key][drawn])
   evaluation = {row.tobytes() for row in
                 choices.choice_arrays("t0__rte", "validation", 64, 16)["encoder_input_tokens"]}
   drawn = np.concatenate([a["encoder_input_tokens"], other["encoder_input_tokens"]])
@@ -201,8 +204,10 @@ def two_tasks():
   vocab = tasks.byte_vocabulary()
   rows = lambda prefix, n: [dict(inputs=f"{prefix} {i}", targets=f"t{i}", answer_choices=[f"t{i}", "x"],
                                  label=0) for i in range(n)]
-  tasks.add_task("test_a", tasks.examples_source(lambda split: rows("a", 60), ["train"], 0), vocab)
-  tasks.add_task("test_b", tasks.examples_source(lambda split: rows("b", 20), ["train"], 1), vocab)
+  tasks.register_task("test_a", tasks.in_memory(lambda split: rows("a", 60), ["train"], vocab,
+                                                task_id=0))
+  tasks.register_task("test_b", tasks.in_memory(lambda split: rows("b", 20), ["train"], vocab,
+                                                task_id=1))
   tasks.add_mixture("test_ab", [("test_a", 3.0), ("test_b", 1.0)])
   return vocab
 

@@ -42,8 +42,9 @@ def test_report_gin_changes_nothing_but_the_split():
     return lines
 
   sweep, report = parsed("runs/sweep.gin"), parsed("runs/report.gin")
-  assert sweep - report == {"pipeline_run.eval_split = 'validation'"}
-  assert report - sweep == {"pipeline_run.eval_split = 'test'"}
+  assert sweep - report == {"pipeline_run.eval_split = %SELECTION_SPLIT"}
+  assert report - sweep == {"pipeline_run.eval_split = %REPORT_SPLIT"}
+  assert {"SELECTION_SPLIT = 'validation'", "REPORT_SPLIT = 'test'"} <= sweep
 
 
 def _row(point, accuracy, split="validation"):

@@ -1,8 +1,12 @@
-"""Nothing lost under SIGTERM or a damaged checkpoint; bad input fails early and says why."""
+"""Nothing lost under SIGTERM or a damaged checkpoint; one run per model_dir; bad input fails
+early and says why."""
 import dataclasses
 import json
 import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -10,10 +14,13 @@ import time
 import hypothesis
 import hypothesis.strategies as st
 import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from jax.experimental import multihost_utils
 
-from tensorpoly_jax import checkpoints, pipeline, trainer
+from tensorpoly_jax import checkpoints, evaluation, paths, pipeline, run_lock, trainer
 from tensorpoly_jax.data import choices, embedded, tasks
 from tensorpoly_jax.adapters import LoRAConfig
 from tensorpoly_jax.methods import adapter_config
@@ -48,14 +55,14 @@ def pretrain(model_dir, backbone, config, adapter=None):
 def test_damaged_latest_checkpoint_falls_back_and_is_kept(backbone, tmp_path):
   pretrain(tmp_path, backbone, small())
   latest = tmp_path / "run" / "checkpoints" / "20"
-  files = sorted((p for p in latest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-  damaged = files[-1]
-  damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # a half-written file
-  with pytest.warns(RuntimeWarning, match=r"checkpoint .*checkpoints/20 is unreadable.*falling back"):
+  damaged = _damage(latest, "state/**/d/*", _cut)  # half-written array data (not JSON metadata)
+  # tensorstore's status for a cut file: a damaged step, not some other restore error.
+  with pytest.warns(RuntimeWarning, match=r"checkpoint .*checkpoints/20 is damaged \(.*OUT_OF_RANGE"
+                    r".*falling back"):
     result, _ = pretrain(tmp_path, backbone, small(steps=25))
   assert result.resumed_from == 10
   kept = tmp_path / "run" / "checkpoints_corrupt" / "20"
-  assert kept.is_dir() and (kept / damaged.relative_to(latest)).exists()
+  assert kept.is_dir() and all((kept / path.relative_to(latest)).exists() for path in damaged)
   assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["10", "20", "25"]
 
 
@@ -64,7 +71,223 @@ def test_checkpoint_of_another_configuration_is_refused_before_any_step(backbone
   with pytest.raises(checkpoints.CheckpointMismatchError,
                      match=r"different 'adapter': lora_rank: checkpoint 2 vs run 4"):
     pretrain(tmp_path, backbone, small(steps=4), LoRAConfig(lora_rank=4))
+  # Another optimizer leaves the meta alike: the state's tree tells, and nothing is moved aside.
+  adafactor = OptimizerConfig(name="adafactor", learning_rate=1e-3)
+  with pytest.raises(checkpoints.CheckpointMismatchError,
+                     match=r"checkpoint .*checkpoints/2 holds a train state of another structure"
+                           r" \(\d+ differences: opt_state/.*: checkpoint (float32\[.*\]|absent)"
+                           r" vs run (float32\[.*\]|absent).*another optimizer"):
+    pretrain(tmp_path, backbone, small(steps=4, optimizer=adafactor))
   assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2"]
+  assert not (tmp_path / "run" / "checkpoints_corrupt").exists()
+
+
+# ------------------------------------------- restore errors by kind, on a small state (no model)
+
+def _state(step: int) -> dict:
+  return {"step": jnp.asarray(step), "params": {"a": jnp.full((4, 8), float(step)),
+                                               "b": jnp.arange(600.0) * step}}
+
+
+@pytest.fixture
+def two_steps(tmp_path):
+  """``tmp_path/ck`` with checkpoints 1 and 2 of ``_state(1)`` and ``_state(2)``."""
+  mngr = checkpoints.manager(str(tmp_path / "ck"), 3)
+  for step in (1, 2):
+    checkpoints.save(mngr, step, _state(step), {"stage": "test"})
+  mngr.close()
+  return tmp_path / "ck"
+
+
+def _restore(directory, abstract_state=None):
+  mngr, state, step = checkpoints.restore_latest(
+      str(directory), 3, abstract_state or checkpoints.abstract(_state(0)), {"stage": "test"})
+  mngr.close()
+  return state, step
+
+
+def _damage(step_dir, pattern, damage) -> list:
+  """Applies ``damage`` to every path of the step matching ``pattern`` (which of several data
+  files a restore reads first varies); returns them."""
+  matched = sorted(step_dir.glob(pattern))
+  assert matched, f"nothing matches {pattern} in {step_dir}"
+  for path in matched:
+    damage(path)
+  return matched
+
+
+def _cut(path):
+  path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def _flip(path):
+  data = path.read_bytes()
+  middle = len(data) // 2
+  path.write_bytes(data[:middle] + bytes(b ^ 0xFF for b in data[middle:middle + 16])
+                   + data[middle + 16:])
+
+
+# Each way a finished step's files were found damaged, and what orbax / tensorstore raise for it.
+DAMAGE = {
+    "data cut": ("state/d/*", _cut, r"ValueError: OUT_OF_RANGE"),
+    "data deleted": ("state/d/*", os.remove, r"ValueError: NOT_FOUND"),
+    "manifest altered": ("state/manifest.ocdbt", _flip, r"ValueError: DATA_LOSS"),
+    "process data cut": ("state/ocdbt.process_0/d/*", _cut, r"ValueError: OUT_OF_RANGE"),
+    "tree metadata cut": ("state/_METADATA", _cut, r"JSONDecodeError"),
+    "tree metadata deleted": ("state/_METADATA", os.remove,
+                              r"FileNotFoundError: .* has no state tree metadata"),
+    "meta altered": ("meta/metadata", _flip, r"UnicodeDecodeError"),
+    "meta folder deleted": ("meta", shutil.rmtree, r"KeyError: .*Item \"meta\" was not found"),
+}
+
+
+@pytest.mark.parametrize("pattern,damage,raised", DAMAGE.values(), ids=DAMAGE.keys())
+def test_each_kind_of_damage_is_moved_aside_and_the_previous_step_restored(two_steps, pattern,
+                                                                            damage, raised):
+  _damage(two_steps / "2", pattern, damage)
+  with pytest.warns(RuntimeWarning,
+                    match=rf"ck/2 is damaged \({raised}.*moved it to .*ck_corrupt/2"):
+    state, step = _restore(two_steps)
+  assert step == 1 and float(state["params"]["a"][0, 0]) == 1.0
+  assert os.listdir(two_steps) == ["1"] and os.listdir(f"{two_steps}_corrupt") == ["2"]
+
+
+def test_every_checkpoint_damaged_never_restarts_from_step_0(two_steps):
+  for step in ("1", "2"):
+    _damage(two_steps / step, "state/d/*", _cut)
+  refusal = (r"every checkpoint in .*ck was damaged and moved to .*ck_corrupt \(steps 1, 2\);"
+             r".*does not start over from step 0 on its own\. To start over deliberately, move"
+             r" .*ck_corrupt out of the way")
+  with pytest.warns(RuntimeWarning, match="is damaged"):
+    with pytest.raises(checkpoints.CheckpointsDamagedError, match=refusal):
+      _restore(two_steps)
+  with pytest.raises(checkpoints.CheckpointsDamagedError, match=refusal):  # and on every rerun
+    _restore(two_steps)
+
+
+@pytest.mark.parametrize("error", [
+    MemoryError("out of host memory"),
+    ValueError("RESOURCE_EXHAUSTED: Out of memory allocating 4 GiB"),
+    PermissionError(13, "Permission denied", "ck/2/state/manifest.ocdbt"),
+    ValueError("UNAVAILABLE: the storage service is unreachable"),
+], ids=["memory", "resource_exhausted", "permission", "unavailable"])
+def test_a_restore_error_that_is_not_damage_propagates_and_moves_nothing(two_steps, monkeypatch,
+                                                                         error):
+  def fail(*args, **kwargs):
+    # orbax raises its read errors with tensorstore's as the cause
+    raise Exception("Encountered error while reading array index: ()") from error
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", fail)
+  with pytest.raises(Exception, match="Encountered error while reading") as raised:
+    _restore(two_steps)
+  assert raised.value.__cause__ is error
+  assert sorted(os.listdir(two_steps)) == ["1", "2"]
+  assert not os.path.exists(f"{two_steps}_corrupt")
+
+
+def test_a_state_of_another_structure_is_refused_naming_what_differs(two_steps):
+  other = checkpoints.abstract(_state(0))
+  other["params"]["a"] = jax.ShapeDtypeStruct((4, 4), jnp.bfloat16)
+  other["params"]["c"] = jax.ShapeDtypeStruct((3,), jnp.float32)
+  with pytest.raises(checkpoints.CheckpointMismatchError,
+                     match=r"ck/2 holds a train state of another structure \(2 differences:"
+                           r" params/a: checkpoint float32\[4, 8\] vs run bfloat16\[4, 4\];"
+                           r" params/c: checkpoint absent vs run float32\[3\]\)"):
+    _restore(two_steps, other)
+  assert sorted(os.listdir(two_steps)) == ["1", "2"]
+
+
+@pytest.mark.parametrize("process", [0, 1])
+def test_only_process_0_moves_a_damaged_step_and_every_process_waits_for_it(two_steps,
+                                                                            monkeypatch, process):
+  barriers = []
+  monkeypatch.setattr(jax, "process_index", lambda: process)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "sync_global_devices", barriers.append)
+  checkpoints.quarantine(str(two_steps), 2)
+  assert sorted(os.listdir(two_steps)) == (["1"] if process == 0 else ["1", "2"])
+  assert barriers == [f"tensorpoly quarantine {two_steps} 2"]
+
+
+# ------------------------------------------------------------------ one run per model_dir
+
+def _lock_of(holder: dict, model_dir) -> None:
+  model_dir.mkdir(parents=True, exist_ok=True)
+  (model_dir / run_lock.LOCK_FILE).write_text(json.dumps(holder))
+
+
+def test_a_run_holds_its_model_dir_and_lets_go_however_it_ends(tmp_path):
+  lock = tmp_path / run_lock.LOCK_FILE
+  with run_lock.hold(str(tmp_path)):
+    holder = json.loads(lock.read_text())
+    assert holder["host"] == socket.gethostname() and holder["pid"] == os.getpid()
+    assert "T" in holder["started"]
+    with pytest.raises(run_lock.ModelDirLocked,
+                       match=rf"model_dir .* is in use by another run \(pid {os.getpid()} on host"
+                             rf" {socket.gethostname()}, started .*; it is still running on this"
+                             r" host\).*remove .*\.lock and run again"):
+      with run_lock.hold(str(tmp_path)):
+        pass
+    assert json.loads(lock.read_text()) == holder  # the refused run leaves the lock alone
+  assert not lock.exists()
+  with pytest.raises(KeyError):
+    with run_lock.hold(str(tmp_path)):
+      raise KeyError("a run that fails")
+  assert not lock.exists()
+
+
+def test_a_lock_of_another_host_is_refused_and_never_taken_over(tmp_path):
+  holder = {"host": "tpu-worker-7", "pid": 4242, "started": "2026-12-01T10:00:00+00:00"}
+  _lock_of(holder, tmp_path)
+  with pytest.raises(run_lock.ModelDirLocked,
+                     match=r"pid 4242 on host tpu-worker-7, started 2026-12-01T10:00:00\+00:00;"
+                           r" whether it still runs cannot be checked from this host"):
+    with run_lock.hold(str(tmp_path)):
+      pass
+  assert json.loads((tmp_path / run_lock.LOCK_FILE).read_text()) == holder
+
+
+def test_a_lock_left_by_a_dead_run_on_this_host_is_taken_over_with_a_warning(tmp_path):
+  finished = subprocess.Popen([sys.executable, "-c", "pass"])
+  finished.wait()  # a pid that no longer runs, as after SIGKILL
+  _lock_of({"host": socket.gethostname(), "pid": finished.pid, "started": "earlier"}, tmp_path)
+  with pytest.warns(RuntimeWarning, match=rf"took over .*\.lock: the run that left it \(pid"
+                                          rf" {finished.pid} on host .*\) is no longer alive"):
+    with run_lock.hold(str(tmp_path)):
+      assert json.loads((tmp_path / run_lock.LOCK_FILE).read_text())["pid"] == os.getpid()
+  assert os.listdir(tmp_path) == []
+
+
+def test_a_second_run_into_a_held_model_dir_stops_before_any_work(backbone, tmp_path):
+  holder = {"host": socket.gethostname(), "pid": os.getppid(), "started": "now"}  # alive
+  _lock_of(holder, tmp_path / "run")
+  with pytest.raises(run_lock.ModelDirLocked, match=rf"pid {os.getppid()} on host"):
+    pretrain(tmp_path, backbone, small(steps=2))
+  assert os.listdir(tmp_path / "run") == [run_lock.LOCK_FILE]
+
+
+def test_write_probes_of_two_processes_never_share_a_name(tmp_path):
+  (tmp_path / ".write_probe").mkdir()  # another run's probe (or a fixed name) cannot collide
+  paths.check_writable(str(tmp_path))
+  assert os.listdir(tmp_path) == [".write_probe"]
+
+
+def test_non_finite_scores_are_refused_naming_the_examples(backbone):
+  from tensorpoly_jax.t5 import convert
+  from tensorpoly_jax.t5.model import EncoderDecoder
+
+  config, params = convert.load_converted(backbone)
+  arrays = dict(choices.choice_arrays(tasks.embedded_heldout_task("yew"), "validation", 48, 24))
+  unused = config.vocab_size - 1
+  assert not (arrays["encoder_input_tokens"] == unused).any()
+  arrays["encoder_input_tokens"] = arrays["encoder_input_tokens"].copy()
+  arrays["encoder_input_tokens"][2, 0] = unused  # a token whose embedding is NaN: example 2 only
+  params = jax.tree_util.tree_map(np.asarray, params)
+  params["token_embedder"]["embedding"][unused] = np.nan
+  scorer = evaluation.Scorer(EncoderDecoder(config), trainer.TrainConfig().make_mesh())
+  with pytest.raises(ValueError, match=r"task_id=None: the choice scores of examples \[2\] are not"
+                                       r" finite \(example 2: \[nan"):
+    scorer.predict(params, arrays, None, batch_size=8)
 
 
 def test_unwritable_model_dir_is_named(backbone, tmp_path):
@@ -87,6 +310,59 @@ def test_export_keeps_transposed_arrays_intact(tmp_path):
   lora_a = np.arange(12, dtype=np.float32).reshape(3, 4).T  # a Fortran-ordered view
   export = checkpoints.export_adapter(str(tmp_path), "adapter", {"adapter": {"lora_a": lora_a}}, {})
   np.testing.assert_array_equal(checkpoints.load_adapter(export)[0]["adapter"]["lora_a"], lora_a)
+
+
+def test_adapt_keeps_every_finished_run_and_redoes_only_the_failed_ones(tmp_path, monkeypatch):
+  """A task x seed that fails or diverges is recorded while the others run; the command then
+  fails naming it. A rerun reads the finished runs' records, retries the failed one, keeps the
+  diverged one (it diverges again with the same settings), and other settings run everything."""
+  from tensorpoly_jax import commands, metrics, records
+  from tensorpoly_jax.t5.model import EncoderDecoder, preset
+
+  tasks.register_embedded(0, SIZES)
+  config = preset("tiny").replace(adapter=LoRAConfig(lora_rank=2))
+  params = pipeline.init_params(EncoderDecoder(config), 0, adapters_only=True)
+  adapter_dir = checkpoints.export_adapter(str(tmp_path), "adapter", params, pipeline.run_meta(
+      "pretrain", config, {"embedded__oak": 0}))
+  backbone = pipeline.Backbone(preset("tiny"), {}, small().make_mesh())
+  ran, fail = [], {("embedded__yew", 1): OSError("disk full"),
+                   ("embedded__rowan", 0): trainer.TrainingDiverged("loss became nan at step 2")}
+
+  def adapt(model_dir, backbone, pretrained, task, k, seed):
+    ran.append((task, seed))
+    if (task, seed) in fail:
+      raise fail[task, seed]
+
+  monkeypatch.setattr(pipeline, "load_backbone", lambda *args: backbone)
+  monkeypatch.setattr(pipeline, "adapt", adapt)
+  monkeypatch.setattr(pipeline, "evaluate_task", lambda *args: 0.5 + args[-1] / 10)  # by seed
+  monkeypatch.setattr(metrics, "write_eval", lambda *args: None)
+  heldout = ["embedded__yew", "embedded__rowan"]
+  run = lambda shots=8: commands.adapt(str(tmp_path), "backbone", adapter_dir, heldout,
+                                       small(loss="tfew"), shots, seeds=(0, 1))
+  with pytest.raises(records.RunsFailed, match=r"(?s)^2 run\(s\) did not finish.*\n  embedded__yew_"
+                     r"seed1: failed: OSError: disk full\n  embedded__rowan_seed0: diverged: loss"):
+    run()
+  assert len(ran) == 4
+  results = json.loads((tmp_path / "adapt_results.json").read_text())
+  assert results["accuracy"] == {"embedded__yew": {"0": 0.5}, "embedded__rowan": {"1": 0.6}}
+  assert results["unfinished"].keys() == {"embedded__yew_seed1", "embedded__rowan_seed0"}
+  assert results["mean_of_medians"] == pytest.approx(0.55)
+  assert results["adaptation_params"] == pipeline.count_params(params)
+  record = json.loads((tmp_path / "adapt" / "embedded__yew_seed0" / "result.json").read_text())
+  assert {k: record[k] for k in ("task", "seed", "shots", "split", "status", "accuracy")} == {
+      "task": "embedded__yew", "seed": 0, "shots": 8, "split": "validation", "status": "finished",
+      "accuracy": 0.5}
+  del fail["embedded__yew", 1]
+  ran.clear()
+  with pytest.raises(trainer.TrainingDiverged, match=r"^1 run\(s\) did not finish"):
+    run()
+  assert ran == [("embedded__yew", 1)]
+  assert json.loads((tmp_path / "adapt_results.json").read_text())["accuracy"] == {
+      "embedded__yew": {"0": 0.5, "1": 0.6}, "embedded__rowan": {"1": 0.6}}
+  fail.clear()
+  ran.clear()
+  assert run(shots=4)["unfinished"] == {} and len(ran) == 4  # other settings: every run again
 
 
 def test_lengths_that_cut_every_target_are_refused(backbone):
@@ -112,9 +388,9 @@ def _wait_for(condition, process, what: str) -> None:
 
 @pytest.mark.slow
 def test_sigkill_then_sigterm_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
-  """Killed (SIGKILL), a run restarts from its last checkpoint; stopped by SIGTERM, it saves the
-  step it is at and exits 0; run again, it goes on right after that step and ends with the
-  backbone an uninterrupted run ends with."""
+  """Killed (SIGKILL), a run restarts from its last checkpoint, taking over the lock it left;
+  stopped by SIGTERM, it saves the step it is at and exits 0; run again, it goes on right after
+  that step and ends with the backbone an uninterrupted run ends with."""
   run = lambda model_dir: subprocess.Popen(
       [sys.executable, "-m", "tensorpoly_jax", "train", "--gin_file=models/tiny.gin",
        "--gin_file=runs/data_embedded.gin", "--gin_file=runs/backbone.gin",
@@ -135,6 +411,8 @@ def test_sigkill_then_sigterm_then_resume_ends_where_an_uninterrupted_run_ends(t
   stopped.send_signal(signal.SIGTERM)
   output = stopped.communicate(timeout=300)[0]
   assert stopped.returncode == 0, output
+  assert re.search(r"took over .*run/\.lock: the run that left it \(pid \d+ .*\) is no longer"
+                   r" alive on this host", output), output
   assert _logged_steps(metrics)[logged] == 31
   saved = max(int(d) for d in os.listdir(checkpoints_dir) if d.isdigit())
   assert 35 <= saved < 90 and f"SIGTERM received: saved checkpoint step {saved}" in output
@@ -142,6 +420,7 @@ def test_sigkill_then_sigterm_then_resume_ends_where_an_uninterrupted_run_ends(t
   resumed = run(tmp_path)
   assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
   assert _logged_steps(metrics)[logged:] == list(range(saved + 1, 91))
+  assert not (tmp_path / "run" / run_lock.LOCK_FILE).exists()
   _, expected = convert.load_converted(str(tmp_path / "straight" / "backbone"))
   _, actual = convert.load_converted(str(tmp_path / "backbone"))
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),

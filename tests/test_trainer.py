@@ -1,5 +1,6 @@
 """The trainer: sharded == single device, frozen backbone, NaN stop, losses; the quick demo."""
 import dataclasses
+import itertools
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ from tensorpoly_jax.methods import from_dict
 from tensorpoly_jax.optimizers import OptimizerConfig
 from tensorpoly_jax.t5 import convert
 from tensorpoly_jax.t5.model import EncoderDecoder, merge_params, preset, split_params
+from tensorpoly_jax.t5.seq2seq import Seq2SeqModel
 
 SIZES = embedded.Sizes(20, 2, 24, 12)
 
@@ -131,12 +133,14 @@ def test_pretraining_keeps_the_backbone_and_exports_an_adapter_a_fresh_backbone_
   assert meta["routing_ids"] == tasks.routing_ids(tasks.mixture_task_names(tasks.EMBEDDED_TRAIN))
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(backbone_dir, tmp_path, monkeypatch):
+def _lora_model(backbone_dir):
   config, backbone = convert.load_converted(backbone_dir)
-  adapter = LoRAConfig(lora_rank=2)
-  model = EncoderDecoder(config.replace(adapter=adapter))
-  params = pipeline.init_params(model, 0, adapters_only=True)
-  params = merge_params(params, backbone)
+  model = EncoderDecoder(config.replace(adapter=LoRAConfig(lora_rank=2)))
+  return model, merge_params(pipeline.init_params(model, 0, adapters_only=True), backbone)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(backbone_dir, tmp_path, monkeypatch):
+  model, params = _lora_model(backbone_dir)
 
   def stream(start):
     clean = batches.lm_batches(tasks.EMBEDDED_TRAIN, 8, 48, 24, 0, start)
@@ -151,13 +155,64 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(backbone_dir, tmp_path, m
   monkeypatch.setattr(trainer, "_fetch_finite", lambda pending, *a: fetches.append(
       [s for s, _ in pending]) or fetch(pending, *a))
   with pytest.raises(trainer.TrainingDiverged,
-                     match=r"loss became nan at step 13 \(steps 13-15 were checked.*step 10"):
+                     match=r"^loss became non-finite at step 13 \(loss nan, grad_norm \d\.\d+;"
+                           r" steps 13-15 were checked.*step 10"):
     trainer.train(model, params, stream, small_train(checkpoint_every=5, log_every=4),
                   str(tmp_path), {"stage": "test"}, pipeline.abstract_variables(model))
   # Metrics reach the host only at log points and before checkpoints, never once per step.
   assert fetches == [[1, 2, 3, 4], [5], [6, 7, 8], [9, 10], [11, 12], [13, 14, 15]]
   mngr = checkpoints.manager(str(tmp_path / "checkpoints"), 3)
   assert mngr.all_steps() == [5, 10]
+  assert not (tmp_path / ".lock").exists()  # a failed run lets go of its model_dir
+
+
+class PoisonableLoss(Seq2SeqModel):
+  """A stand-in objective of the params alone (no forward pass: the step compiles in moments), a
+  small finite loss for any batch. For a batch with ``poison == 1`` its gradients are NaN: the
+  ``0 * sqrt(u)`` term, ``u = 0 * sum(params) + 1 - poison``, is 0 in the forward pass, but the
+  backward pass multiplies ``d sqrt(u) / du = inf`` at ``u = 0`` by 0."""
+
+  def loss_fn(self, mode, tfew_weights=(1.0, 1.0, 1.0)):
+    def loss(params, batch, rngs):
+      total = sum(jnp.sum(leaf) for leaf in jax.tree_util.tree_leaves(params))
+      value = 1e-6 * total ** 2 + 0.0 * jnp.sqrt(0.0 * total + 1.0 - batch["poison"].max())
+      return value, {"loss": value}
+
+    return loss
+
+
+def _train_poisonable(backbone_dir, model_dir, config, first_poisoned_step, monkeypatch):
+  model, params = _lora_model(backbone_dir)
+  stream = lambda start: ({"poison": np.full((8,), float(step >= first_poisoned_step), np.float32)}
+                          for step in itertools.count(start + 1))
+  monkeypatch.setattr(trainer, "Seq2SeqModel", PoisonableLoss)
+  return trainer.train(model, params, stream, config, str(model_dir), {"stage": "test"},
+                       pipeline.abstract_variables(model))
+
+
+def test_nan_gradients_with_a_finite_loss_stop_before_a_checkpoint_keeps_them(
+    backbone_dir, tmp_path, monkeypatch):
+  with pytest.raises(trainer.TrainingDiverged,
+                     match=r"^gradients and updated params became non-finite at step 5 \(loss"
+                           r" \d\.\d+(e-\d+)?, grad_norm nan;.*checkpoint step 4"):
+    _train_poisonable(backbone_dir, tmp_path, small_train(steps=8, checkpoint_every=2,
+                                                          log_every=2), 5, monkeypatch)
+  mngr = checkpoints.manager(str(tmp_path / "checkpoints"), 3)
+  assert mngr.all_steps() == [2, 4]
+  kept = mngr.restore(4)["state"]
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(kept))
+
+
+def test_an_infinite_learning_rate_stops_on_the_params_with_finite_gradients(
+    backbone_dir, tmp_path, monkeypatch):
+  inf = float("inf")
+  config = small_train(steps=4, checkpoint_every=2, log_every=2, optimizer=OptimizerConfig(
+      name="adamw", learning_rate=inf, adapter_learning_rate=inf, router_learning_rate=inf))
+  with pytest.raises(trainer.TrainingDiverged,
+                     match=r"^updated params became non-finite at step 1 \(loss \d\.\d+(e-\d+)?,"
+                           r" grad_norm \d\.\d+(e-\d+)?;.*no checkpoint is the last good state"):
+    _train_poisonable(backbone_dir, tmp_path, config, 99, monkeypatch)
+  assert checkpoints.manager(str(tmp_path / "checkpoints"), 3).all_steps() == []
 
 
 def test_tfew_losses_match_numpy_loops():

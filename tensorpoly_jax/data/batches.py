@@ -7,9 +7,10 @@ from typing import Iterator
 import numpy as np
 import seqio
 
-from tensorpoly_jax.data import tasks
+from tensorpoly_jax.data import choices, tasks
 
 CHOICE_KEYS = ("encoder_input_tokens", "choice_tokens", "label")
+_TEMPLATE_DRAWS = 1  # a second random stream of (seed, step): the template of each batch row
 
 
 def lm_batches(name: str, batch_size: int, inputs_length: int, targets_length: int, seed: int,
@@ -32,7 +33,8 @@ def lm_batches(name: str, batch_size: int, inputs_length: int, targets_length: i
 def choice_batches(arrays: dict, batch_size: int, seed: int, start_step: int = 0,
                    task_id: int | None = None,
                    shard_info: seqio.ShardInfo | None = None) -> Iterator[dict]:
-  """Endless batches of rank-classification arrays, reshuffled every epoch.
+  """Endless batches of rank-classification arrays, examples reshuffled every epoch; an example
+  with several rows (one per template, ``arrays["example"]``) shows a row drawn per step.
 
   ``batch_size`` is the global batch; with ``shard_info`` each process yields its contiguous
   slice of it (process ``i`` of ``n``: rows ``i·B/n`` to ``(i+1)·B/n``), so the global batch is the
@@ -43,14 +45,20 @@ def choice_batches(arrays: dict, batch_size: int, seed: int, start_step: int = 0
     raise ValueError(f"batch_size={batch_size} must be divisible by the {shard.num_shards}"
                      " processes.")
   local = batch_size // shard.num_shards
-  total = len(arrays["label"])
+  mine = slice(shard.index * local, (shard.index + 1) * local)
+  example_ids = arrays.get("example", np.arange(len(arrays["label"])))
+  starts, counts = choices.example_groups(example_ids)
+  total = len(starts)
   step = start_step
   while True:
-    positions = np.arange(step * batch_size, (step + 1) * batch_size)
-    positions = positions[shard.index * local:(shard.index + 1) * local]
+    positions = np.arange(step * batch_size, (step + 1) * batch_size)[mine]
     epochs, offsets = positions // total, positions % total
-    index = np.array([np.random.default_rng([seed, e]).permutation(total)[o]
-                      for e, o in zip(epochs, offsets)])
+    picked = np.array([np.random.default_rng([seed, e]).permutation(total)[o]
+                       for e, o in zip(epochs, offsets)])
+    index = starts[picked]
+    if (counts > 1).any():
+      draws = np.random.default_rng([seed, step, _TEMPLATE_DRAWS]).random(batch_size)[mine]
+      index = index + np.floor(draws * counts[picked]).astype(np.int64)
     batch = {key: arrays[key][index] for key in CHOICE_KEYS}
     if task_id is not None:
       batch["task_ids"] = np.full(local, task_id, np.int32)

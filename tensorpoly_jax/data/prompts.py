@@ -6,12 +6,15 @@ The templates are the ones the promptsource package ships (never retyped here). 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import random
 import re
 
 INSTALL_HINT = ("promptsource is not installed: run `tensorpoly install-templates` (it runs"
                 " `pip install --no-deps --ignore-requires-python promptsource==0.2.3`).")
 PROMPTSOURCE_VERSION = "0.2.3"
+NO_LABEL = "<NO LABEL>"  # t-zero's target for a row whose input renders and target does not
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,13 +46,38 @@ def template_names(dataset: str, subset: str | None = None, original_task_only: 
           if not original_task_only or templates[name].metadata.original_task]
 
 
-def apply(template, row: dict) -> Prompted | None:
-  """Applies a promptsource template to a row; None when the template does not apply to it."""
-  rendered = template.apply(row)
-  if len(rendered) != 2 or not rendered[0].strip() or not rendered[1].strip():
+@contextlib.contextmanager
+def _seeded_choice(seed: int | None):
+  """promptsource's Jinja ``choice`` filter (HellaSwag's randomized template) draws from the
+  unseeded global ``random``; with a seed, the draw is a function of it."""
+  if seed is None:
+    yield
+    return
+  from promptsource import templates
+
+  unseeded = templates.env.filters["choice"]
+  templates.env.filters["choice"] = random.Random(seed).choice
+  try:
+    yield
+  finally:
+    templates.env.filters["choice"] = unseeded
+
+
+def apply(template, row: dict, seed: int | None = None, no_label: bool = False) -> Prompted | None:
+  """Applies a promptsource template to a row; None when the template does not apply to it.
+
+  ``seed`` fixes the template's own random draws; with ``no_label`` a row whose input renders and
+  target does not gets the target ``<NO LABEL>`` (t-zero's training data) instead of None."""
+  with _seeded_choice(seed):
+    rendered = template.apply(row)
+    choices = tuple(c.strip() for c in (template.get_answer_choices_list(row) or ()))
+  if len(rendered) != 2 or not rendered[0].strip():
     return None
   inputs, targets = (text.strip() for text in rendered)
-  choices = tuple(c.strip() for c in (template.get_answer_choices_list(row) or ()))
+  if not targets:
+    if not no_label:
+      return None
+    targets = NO_LABEL
   label = choices.index(targets) if targets in choices else -1
   return Prompted(inputs, targets, choices, label)
 

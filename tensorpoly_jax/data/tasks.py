@@ -1,15 +1,18 @@
-"""seqio registrations: the embedded mini-T0 suite, the T0 training mixture and held-out tasks.
+"""Task registrations: seqio tasks and mixtures, and what the rest of a run reads beside them.
 
 Every training task is one (dataset, template) pair and one routing task; its integer id comes
-from the mixture's id map (sorted task names), which checkpoints store. Held-out tasks keep all
-their ``original_task`` templates and draw one at random per example; the trainer gives a held-out
-task a fresh router row during adaptation.
+from the mixture's id map (sorted task names), which checkpoints store. A held-out task keeps
+every rendering of an example (one per template that applies), and a template is drawn per
+example: per step when its few shots train, per (example, seed) when it is evaluated; the trainer
+gives a held-out task a fresh router row during adaptation.
 
 Examples carry ``inputs``, ``targets`` (tokenized), ``answer_choices`` (strings, padded with "")
-``num_choices`` and ``label`` (the gold choice), and ``task_id`` for training tasks.
+``num_choices`` and ``label`` (the gold choice), ``example`` and ``template`` (which source example
+and template a row renders), and ``task_id`` for training tasks.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import logging
@@ -33,7 +36,9 @@ logging.getLogger("absl").addFilter(_InMemorySourceFilter())
 
 EMBEDDED_TRAIN = "embedded_train"
 EMBEDDED_HELDOUT = "embedded_heldout"
+EMBEDDED_SHOTS = 32  # the embedded held-out tasks' k when a run sets none
 NO_TASK_ID = -1
+POOL_SPLIT = "train"  # a held-out task's few-shot pool in every suite
 TASK_FEATURE = "task_id"
 
 
@@ -82,6 +87,65 @@ def feature_lengths(inputs_length: int, targets_length: int) -> dict[str, int]:
   return {"inputs": inputs_length, "targets": targets_length, TASK_FEATURE: 1}
 
 
+@dataclasses.dataclass(frozen=True)
+class Rows:
+  """Prompted rows of one split, and what could not be used: ``dropped`` maps a reason to a count.
+
+  A row is a dict: ``inputs``, ``targets``, ``answer_choices``, ``label`` (indexes the choices;
+  -1 for free text), ``example`` (the source example it renders) and ``template`` (its index)."""
+
+  rows: list[dict]
+  dropped: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+
+def numbered(rows: Sequence[Mapping]) -> list[dict]:
+  """Rows that render one example each: ``example`` is the row's position, ``template`` 0 unless
+  given."""
+  return [{"template": 0, **row, "example": index} for index, row in enumerate(rows)]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TaskInfo:
+  """A registered task as few-shot draws, rank classification and ``tensorpoly data`` read it.
+
+  ``read(split, examples)`` gives the rows of those source examples (``None``: the whole split),
+  rendering nothing else, so a k-shot draw from a large pool renders k examples;
+  ``num_examples(split)`` counts the split's source examples. ``num_shots`` is the suite's
+  few-shot k for the task (T-Few's per-task k on T0), used when a run sets none."""
+
+  read: Callable[[str, Sequence[int] | None], Rows]
+  num_examples: Callable[[str], int]
+  splits: tuple[str, ...]
+  vocabulary: seqio.Vocabulary
+  inputs_eos: bool = True
+  task_id: int = NO_TASK_ID
+  templates: tuple[str, ...] = ()
+  num_shots: int | None = None
+
+
+def in_memory(rows_fn: Callable[[str], Rows | Sequence[Mapping]], splits: Sequence[str],
+              vocabulary: seqio.Vocabulary, **fields) -> TaskInfo:
+  """A TaskInfo over rows produced whole by ``rows_fn(split)`` (read once per split); a plain
+  list is one example per row."""
+
+  @functools.cache
+  def whole(split: str) -> Rows:
+    rows = rows_fn(split)
+    return rows if isinstance(rows, Rows) else Rows(numbered(rows))
+
+  def read(split, examples=None):
+    rows = whole(split)
+    if examples is None:
+      return rows
+    wanted = set(int(e) for e in examples)
+    return Rows([row for row in rows.rows if row["example"] in wanted], rows.dropped)
+
+  def num_examples(split):
+    return len({row["example"] for row in whole(split).rows})
+
+  return TaskInfo(read, num_examples, tuple(splits), vocabulary, **fields)
+
+
 def _columns(rows: Sequence[Mapping], task_id: int) -> dict[str, np.ndarray]:
   """Column arrays for ``tf.data.Dataset.from_tensor_slices``; choices padded with ""."""
   width = max([len(r["answer_choices"]) for r in rows] + [1])
@@ -92,23 +156,25 @@ def _columns(rows: Sequence[Mapping], task_id: int) -> dict[str, np.ndarray]:
                                   for r in rows], object).reshape(len(rows), width),
       "num_choices": np.array([len(r["answer_choices"]) for r in rows], np.int32),
       "label": np.array([r["label"] for r in rows], np.int32),
+      "example": np.array([r["example"] for r in rows], np.int32),
+      "template": np.array([r["template"] for r in rows], np.int32),
       TASK_FEATURE: np.full((len(rows), 1), task_id, np.int32),
   }
 
 
-def examples_source(rows_fn: Callable[[str], Sequence[Mapping]], splits: Sequence[str],
-                    task_id: int = NO_TASK_ID) -> seqio.DataSource:
-  """A seqio source over prompted rows produced in Python by ``rows_fn(split)``."""
+def examples_source(info: TaskInfo) -> seqio.DataSource:
+  """A seqio source over every row of a task's splits."""
   def dataset_fn(split, shuffle_files, seed=None):
     del shuffle_files, seed  # one in-memory shard; seqio shuffles examples
-    return tf.data.Dataset.from_tensor_slices(_columns(rows_fn(split), task_id))
+    return tf.data.Dataset.from_tensor_slices(_columns(info.read(split, None).rows, info.task_id))
 
-  return seqio.FunctionDataSource(dataset_fn, splits=list(splits))
+  return seqio.FunctionDataSource(dataset_fn, splits=list(info.splits))
 
 
-# Python-side reads of a registered task (rows, rank-classification arrays), reused by the many
+# Python-side reads of a registered task (rank-classification arrays), reused by the many
 # few-shot runs over one task; dropped when the task is registered again.
 _READ_CACHE: dict[str, dict] = {}
+_INFO: dict[str, TaskInfo] = {}
 
 
 def cached_read(name: str, key, read: Callable[[], object]):
@@ -119,10 +185,54 @@ def cached_read(name: str, key, read: Callable[[], object]):
   return entries[key]
 
 
+def register_task(name: str, info: TaskInfo) -> seqio.Task:
+  """Registers (or re-registers) a seqio task over ``info``'s rows and keeps ``info`` for
+  ``task_info``."""
+  task = add_task(name, examples_source(info), info.vocabulary, info.inputs_eos)
+  _INFO[name] = info
+  return task
+
+
+def task_info(name: str) -> TaskInfo:
+  """A registered task's TaskInfo; a seqio task registered elsewhere (a user's TASK_MODULE) is
+  read through its source, which must give ``inputs``, ``targets``, ``answer_choices`` and
+  ``label`` for rank classification."""
+  if name in _INFO:
+    return _INFO[name]
+  task = get_task_or_mixture(name)
+  if isinstance(task, seqio.Mixture):
+    raise ValueError(f"{name!r} is a mixture; name one of its tasks: {mixture_task_names(name)}.")
+  features = task.output_features
+  decode = lambda value: value.decode() if isinstance(value, bytes) else value
+
+  def rows_fn(split):
+    rows = []
+    for ex in task.source.get_dataset(split=split, shuffle=False).as_numpy_iterator():
+      missing = {"inputs", "targets", "answer_choices", "label"} - set(ex)
+      if missing:
+        raise ValueError(f"seqio task {name!r}: its source gives no {sorted(missing)}; rank"
+                         " classification and few-shot draws need inputs, targets, answer_choices"
+                         " and label (the index of the target among the choices).")
+      count = int(ex.get("num_choices", len(ex["answer_choices"])))
+      rows.append({"inputs": decode(ex["inputs"]), "targets": decode(ex["targets"]),
+                   "answer_choices": [decode(c) for c in ex["answer_choices"][:count]],
+                   "label": int(ex["label"])})
+    return rows
+
+  return in_memory(rows_fn, task.splits, features["targets"].vocabulary,
+                   inputs_eos=features["inputs"].add_eos)
+
+
+def dropped_rows(name: str, split: str) -> dict[str, int]:
+  """Why rows of a registered task's split could not be used: reason -> count."""
+  return dict(task_info(name).read(split, None).dropped)
+
+
 def add_task(name: str, source: seqio.DataSource, vocabulary: seqio.Vocabulary,
              inputs_eos: bool = True) -> seqio.Task:
   """Registers (or re-registers) a task with tokenized inputs/targets."""
   _READ_CACHE.pop(name, None)
+  _INFO.pop(name, None)
   if name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)
   return seqio.TaskRegistry.add(
@@ -168,12 +278,14 @@ def register_embedded(seed: int = 0, sizes: embedded.Sizes = embedded.Sizes()) -
   for name, (task, template) in names.items():
     rows_fn = lambda split, task=task, template=template: [
         r for r in suite()[task][split] if r["template"] == template]
-    add_task(name, examples_source(rows_fn, embedded.TRAIN_SPLITS, ids[name]), vocabulary)
+    register_task(name, in_memory(rows_fn, embedded.TRAIN_SPLITS, vocabulary, task_id=ids[name],
+                                  templates=(embedded.TEMPLATES[template],)))
   add_mixture(EMBEDDED_TRAIN, [(name, 1.0) for name in sorted(names)])
   for task in embedded.HELDOUT_TASKS:
     rows_fn = lambda split, task=task: suite()[task][split]
-    add_task(embedded_heldout_task(task), examples_source(rows_fn, embedded.HELDOUT_SPLITS),
-             vocabulary)
+    register_task(embedded_heldout_task(task),
+                  in_memory(rows_fn, embedded.HELDOUT_SPLITS, vocabulary,
+                            templates=embedded.TEMPLATES, num_shots=EMBEDDED_SHOTS))
   add_mixture(EMBEDDED_HELDOUT, [(embedded_heldout_task(t), 1.0) for t in sorted(embedded.HELDOUT_TASKS)])
   return ids
 

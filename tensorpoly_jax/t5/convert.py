@@ -238,8 +238,7 @@ def save_converted(output_dir: str, config: T5Config, params) -> None:
 
   directory = paths.resolve(output_dir)
   directory.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    (directory / CONVERTED_CONFIG).write_text(json.dumps(config_to_dict(config), indent=2))
+  paths.write_json(directory / CONVERTED_CONFIG, config_to_dict(config))
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(directory / CONVERTED_PARAMS, params)
   checkpointer.wait_until_finished()
