@@ -6,6 +6,7 @@ with a shifted id map or a different adapter.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -23,7 +24,9 @@ from tensorpoly_jax.t5 import layout
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_META = "adapter_config.json"
 # Meta fields that must agree between a checkpoint and the run that resumes from it.
-MATCHED_FIELDS = ("model", "adapter", "routing_ids", "stage")
+MATCHED_FIELDS = ("model", "adapter", "routing_ids", "stage", "train", "backbone")
+# The train settings a resumed run may change when it asks for a new schedule.
+SCHEDULE_FIELDS = ("steps", "optimizer")
 
 
 class CheckpointMismatchError(ValueError):
@@ -59,7 +62,8 @@ def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
   mngr.wait_until_finished()
 
 
-def restore_latest(directory: str, keep: int, abstract_state, meta: dict):
+def restore_latest(directory: str, keep: int, abstract_state, meta: dict,
+                   new_schedule: bool = False):
   """``(manager, state, step)`` from the newest readable checkpoint (``(manager, None, 0)`` if
   there is none).
 
@@ -79,7 +83,7 @@ def restore_latest(directory: str, keep: int, abstract_state, meta: dict):
       return mngr, None, 0
     where = str(mngr.directory / str(step))
     try:
-      state, damage = _restore(mngr, step, abstract_state, meta, where), None
+      state, damage = _restore(mngr, step, abstract_state, meta, where, new_schedule), None
     except Exception as err:
       damage = damage_in(err)
       if damage is None:
@@ -97,9 +101,10 @@ def restore_latest(directory: str, keep: int, abstract_state, meta: dict):
                   " to the previous checkpoint.", RuntimeWarning)
 
 
-def _restore(mngr: ocp.CheckpointManager, step: int, abstract_state, meta: dict, where: str):
+def _restore(mngr: ocp.CheckpointManager, step: int, abstract_state, meta: dict, where: str,
+             new_schedule: bool):
   saved_meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  check_meta(saved_meta, meta, where)
+  check_meta(saved_meta, meta, where, new_schedule)
   saved_tree = mngr.item_metadata(step).get("state")
   if saved_tree is None:  # orbax restores without it, but every save writes it
     raise FileNotFoundError(f"{where} has no state tree metadata (state/_METADATA)")
@@ -183,19 +188,34 @@ def _array_type(value) -> str:
   return f"{np.dtype(value.dtype).name}{list(value.shape)}"
 
 
-def check_meta(saved: dict, expected: dict, where: str) -> None:
+def check_meta(saved: dict, expected: dict, where: str, new_schedule: bool = False) -> None:
+  """Refuses a checkpoint whose run identity differs from this run's, naming every difference;
+  with ``new_schedule`` a resumed run may change its steps and optimizer settings."""
+  differences, schedule_only = [], True
   for field in MATCHED_FIELDS:
-    if saved.get(field) != expected.get(field):
-      raise CheckpointMismatchError(
-          f"checkpoint {where} was written with a different {field!r}:"
-          f" {_diff(saved.get(field), expected.get(field))}. Use a new --model_dir, or the"
-          " configuration that wrote it.")
+    saved_value, value = saved.get(field), expected.get(field)
+    if saved_value == value:
+      continue
+    if field == "train" and isinstance(saved_value, dict) and isinstance(value, dict):
+      changed = {k for k in set(saved_value) | set(value) if saved_value.get(k) != value.get(k)}
+      if changed <= set(SCHEDULE_FIELDS) and new_schedule:
+        continue
+      schedule_only &= changed <= set(SCHEDULE_FIELDS)
+    else:
+      schedule_only = False
+    differences.append(f"{field}: {_diff(saved_value, value)}")
+  if differences:
+    schedule = ("; or continue this run with the new steps and optimizer settings:"
+                " --gin.NEW_SCHEDULE=True" if schedule_only else "")
+    raise CheckpointMismatchError(
+        f"checkpoint {where} was written by another run:\n  " + "\n  ".join(differences)
+        + f"\nUse a new --model_dir, or the settings that wrote it{schedule}.")
 
 
 def _diff(saved, expected) -> str:
   if isinstance(saved, dict) and isinstance(expected, dict):
     keys = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
-    return ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs run {expected.get(k)!r}" for k in keys[:4])
+    return ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs run {expected.get(k)!r}" for k in keys)
   return f"checkpoint {saved!r} vs run {expected!r}"
 
 
@@ -236,11 +256,27 @@ def _check_inside(model_dir: str, name: str) -> None:
                      f" outside model_dir {root!r}; exports stay inside the model directory.")
 
 
+def export_fingerprint(directory: str) -> str:
+  """A short digest of an adapter export's files: a result computed from it names it, and a
+  retrained export under the same path is told apart."""
+  directory = paths.resolve(directory)
+  digest = hashlib.sha256()
+  for name in (ADAPTER_META, ADAPTER_FILE):
+    digest.update((directory / name).read_bytes())
+  return digest.hexdigest()[:16]
+
+
 def load_adapter(directory: str) -> tuple[dict, dict]:
   """``(adapter params, meta)`` written by ``export_adapter`` (per-layer layout, host arrays)."""
   from safetensors.numpy import load
 
   directory = paths.resolve(directory)
+  missing = [name for name in (ADAPTER_META, ADAPTER_FILE) if not (directory / name).exists()]
+  if missing:
+    raise FileNotFoundError(
+        f"{directory} is not an adapter export (no {' or '.join(missing)}): set ADAPTER_DIR to"
+        " the `adapter` folder a pretraining run wrote, or an adapted task's"
+        " `adapt/<task>_seed<seed>/adapter`.")
   meta = json.loads((directory / ADAPTER_META).read_text())
   flat = load((directory / ADAPTER_FILE).read_bytes())  # a dict in no fixed order
   return traverse_util.unflatten_dict({tuple(k.split("/")): flat[k] for k in sorted(flat)}), meta

@@ -14,10 +14,11 @@ import subprocess
 import sys
 import tokenize
 import traceback
+from typing import Callable
 
 import gin
 
-from tensorpoly_jax import aot, checkpoints, commands, demo, distributed, run_lock
+from tensorpoly_jax import aot, checkpoints, commands, demo, distributed, paths, run_lock
 from tensorpoly_jax import cli_reference as reference
 from tensorpoly_jax import configurables  # noqa: F401 (registers the configs' gin names)
 from tensorpoly_jax.cli_reference import CONFIGS
@@ -133,9 +134,25 @@ def parse_command_gin(args) -> None:
             getattr(args, "model_dir", None), args.gin_search_paths)
 
 
+CONFIG_FILE = "config.gin"
+
+
+def recording_config(run: Callable[[], object]):
+  """``run()`` with the resolved gin config in ``MODEL_DIR/config.gin``, as T5X writes it: at the
+  start in a new model dir, and once the run succeeds, so that a rerun refused for other settings
+  (or failing) leaves the config of the run that wrote the folder."""
+  model_dir = reference.macro_value("MODEL_DIR")
+  config, target = gin.config_str(), paths.resolve(os.path.join(model_dir, CONFIG_FILE))
+  if not target.exists():
+    paths.atomic_write(target, config)
+  result = run()
+  paths.atomic_write(target, config)
+  return result
+
+
 def _demo(args) -> int:
   parse_command_gin(args)
-  CONFIGURED["demo"]()
+  recording_config(CONFIGURED["demo"])
   return 0
 
 
@@ -153,7 +170,7 @@ def _gin_command(function):
   def run(args):
     parse_command_gin(args)
     CONFIGURED["data_setup"]()
-    CONFIGURED[function]()
+    recording_config(CONFIGURED[function])
     return 0
 
   return run
@@ -186,13 +203,16 @@ def _compile(args) -> int:
 def _sweep(args) -> int:
   from tensorpoly_jax import sweep
 
-  def run_point(point):
+  def describe(point):  # a point's record keeps its whole resolved config
     parse_gin(args.gin_file, [*args.gin_flags, *sweep.point_flags(point)],
               os.path.join(args.model_dir, sweep.point_name(point)), args.gin_search_paths)
-    CONFIGURED["data_setup"]()
-    return CONFIGURED["pipeline_run"]()
+    return {"gin": gin.config_str()}
 
-  sweep.run(args.model_dir, sweep.parse_grid(args.sweep), run_point)
+  def run_point(point):  # runs the config ``describe`` parsed
+    CONFIGURED["data_setup"]()
+    return recording_config(CONFIGURED["pipeline_run"])
+
+  sweep.run(args.model_dir, sweep.parse_grid(args.sweep), run_point, describe)
   return 0
 
 

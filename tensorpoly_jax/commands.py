@@ -98,8 +98,12 @@ def task_list(names) -> list[str]:
   return list(dict.fromkeys(task for name in names for task in tasks.mixture_task_names(name)))
 
 
-def check_heldout(heldout, shots: int | None) -> list[str]:
-  """The held-out task names, each checked for a few-shot k its pool can give, before any work."""
+def check_heldout(heldout, shots: int | None, seeds=(0,)) -> list[str]:
+  """The held-out task names, each checked for a few-shot k its pool can give, and the few-shot
+  seeds, before any work."""
+  if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+    raise ValueError(f"SEEDS={seeds!r} must be a non-empty tuple of ints, e.g."
+                     " --gin.SEEDS='(0, 1, 32, 42, 1024)'.")
   names = task_list(heldout)
   for task in names:
     k = fewshot.num_shots(task, shots)
@@ -118,7 +122,7 @@ def adapt(model_dir: str, backbone_dir: str, adapter_dir: str, heldout, train_co
   Writes ``model_dir/adapt_results.json`` from every run's record (``pipeline.adapt_heldout``):
   accuracy per task and seed, seed summaries, and the runs that did not finish, which it then
   raises naming (``records.raise_unfinished``); a rerun redoes only those."""
-  names = check_heldout(heldout, shots)
+  names = check_heldout(heldout, shots, seeds)
   backbone = pipeline.load_backbone(backbone_dir, options or RunOptions(),
                                     train_config.make_mesh())
   results = pipeline.adapt_heldout(model_dir, backbone, adapter_dir, names, shots, seeds,
@@ -128,7 +132,8 @@ def adapt(model_dir: str, backbone_dir: str, adapter_dir: str, heldout, train_co
   medians = [s["median"] for s in summary.values()]
   payload = {"split": eval_split, "shots": results.shots, "accuracy": results.accuracy,
              "summary": summary, "mean_of_medians": float(np.mean(medians)) if medians else None,
-             "adaptation_params": results.adaptation_params, "unfinished": results.unfinished}
+             "adaptation_params": results.adaptation_params, "unfinished": results.unfinished,
+             "identity": {**results.identity, "train": train_config.identity()}}
   paths.write_json(os.path.join(model_dir, "adapt_results.json"), payload)
   records.raise_unfinished(results.unfinished)
   return payload
@@ -148,7 +153,7 @@ def pipeline_run(model_dir: str, backbone_dir: str, adapter: AdapterConfig, mixt
         " training data, so a sweep, or the report of a swept point, would choose on the reported"
         " split. Fix the settings in advance and run runs/pretrain.gin, then runs/adapt.gin (the"
         " T-Few protocol), or sweep on a suite that has a selection split.")
-  check_heldout(heldout, shots)
+  check_heldout(heldout, shots, seeds)
   adapter_dir = train(model_dir, mixture, pretrain_config, adapter, backbone_dir, options=options)
   return adapt(model_dir, backbone_dir, adapter_dir, heldout, adapt_config, shots, seeds, options,
                eval_split=eval_split)
@@ -167,6 +172,7 @@ def evaluate(model_dir: str, backbone_dir: str, heldout, adapter_dir: str | None
   config, params, task_id = backbone.config, backbone.params, None
   if adapter_dir is not None:
     adapter_params, meta = checkpoints.load_adapter(adapter_dir)
+    pipeline.check_backbone(meta, backbone, adapter_dir)
     config = config.replace(adapter=from_dict(meta["adapter"]))
     shardings = split_params(partitioning.param_shardings(
         abstract_variables(EncoderDecoder(config)), backbone.mesh))[0]
@@ -178,7 +184,8 @@ def evaluate(model_dir: str, backbone_dir: str, heldout, adapter_dir: str | None
                                           targets_length, split, batch_size, seed)
              for task in task_list(heldout)}
   paths.write_json(os.path.join(model_dir, "eval_results.json"),
-                   {"split": split, "accuracy": results})
+                   {"split": split, "accuracy": results,
+                    "identity": pipeline.results_identity(backbone, adapter_dir)})
   return results
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from tensorpoly_jax import entangle as ent
-from tensorpoly_jax import param_roles
+from tensorpoly_jax import field_types, param_roles
 
 # The reference adapts self-/cross-attention q, k, v, o and the FFN (T5X layer names).
 DEFAULT_TARGETS = r".*(attention|mlp)/(query|key|value|out|wi_0|wi_1|wi|wo)"
@@ -60,6 +60,7 @@ class AdapterConfig:
   targets: str = DEFAULT_TARGETS
 
   def __post_init__(self):
+    field_types.check(self)
     ent.check_positive(lora_rank=self.lora_rank)
     try:
       re.compile(self.targets)

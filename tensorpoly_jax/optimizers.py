@@ -14,6 +14,7 @@ import optax
 from flax import traverse_util
 from flax.core import unfreeze
 
+from tensorpoly_jax import field_types
 from tensorpoly_jax.param_roles import param_role
 
 OPTIMIZERS = ("adafactor", "adamw")
@@ -31,6 +32,7 @@ class OptimizerConfig:
   weight_decay: float = 0.0
 
   def __post_init__(self):
+    field_types.check(self)
     if self.name not in OPTIMIZERS:
       raise ValueError(f"optimizer {self.name!r} is unknown; choose one of {OPTIMIZERS}.")
     if not 0.0 <= self.warmup_fraction < 1.0:

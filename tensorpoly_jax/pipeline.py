@@ -12,7 +12,8 @@ import numpy as np
 from flax import traverse_util
 from flax.core import unfreeze
 
-from tensorpoly_jax import checkpoints, evaluation, metrics, partitioning, records, trainer
+from tensorpoly_jax import (checkpoints, evaluation, fingerprint, metrics, partitioning, records,
+                            trainer)
 from tensorpoly_jax.data import batches, choices, fewshot, tasks
 from tensorpoly_jax.methods import AdapterConfig, from_dict
 from tensorpoly_jax.param_roles import param_role
@@ -29,6 +30,7 @@ class Backbone:
   config: T5Config  # architecture from the checkpoint, run options applied
   params: dict  # global arrays, sharded by the logical rules on ``mesh``
   mesh: jax.sharding.Mesh
+  fingerprint: str | None = None  # its content (``fingerprint``): what runs and exports record
 
 
 def load_backbone(backbone_dir: str, options: RunOptions = RunOptions(),
@@ -37,7 +39,27 @@ def load_backbone(backbone_dir: str, options: RunOptions = RunOptions(),
   devices, data parallel), in the layout ``options`` ask for."""
   mesh = mesh or partitioning.make_mesh()
   config, params = convert.load_converted(backbone_dir, mesh, options.scan_layers)
-  return Backbone(options.apply(config), params, mesh)
+  stored = convert.stored_fingerprint(backbone_dir)
+  return Backbone(options.apply(config), params, mesh,
+                  stored or fingerprint.params_fingerprint(params))
+
+
+def results_identity(backbone: Backbone, adapter_dir: str | None) -> dict:
+  """What a results file was computed from: the backbone's and the adapter export's contents."""
+  adapter = None if adapter_dir is None else checkpoints.export_fingerprint(adapter_dir)
+  return {"backbone": backbone.fingerprint, "adapter": adapter,
+          "code_version": trainer.code_version()}
+
+
+def check_backbone(meta: dict, backbone: Backbone, adapter_dir: str) -> None:
+  """Refuses an adapter export trained on another backbone than ``backbone`` (same shapes,
+  other weights would score silently wrong)."""
+  trained_on = meta.get("backbone")
+  if trained_on is not None and trained_on != backbone.fingerprint:
+    raise checkpoints.CheckpointMismatchError(
+        f"the adapter export {adapter_dir} was trained on the backbone with fingerprint"
+        f" {trained_on}, but BACKBONE_DIR holds the backbone {backbone.fingerprint}: set"
+        " BACKBONE_DIR to the backbone it was trained on.")
 
 
 def init_params(model: EncoderDecoder, seed: int, adapters_only: bool):
@@ -56,10 +78,13 @@ def count_params(tree) -> int:
   return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
 
 
-def run_meta(stage: str, config: T5Config, routing_ids: dict[str, int]) -> dict:
+def run_meta(stage: str, config: T5Config, routing_ids: dict[str, int],
+             backbone: str | None = None) -> dict:
+  """What a run's checkpoints and exports record of it (the trainer adds its train settings):
+  a rerun must agree on all of it. ``backbone`` is the frozen backbone's fingerprint."""
   adapter = None if config.adapter is None else config.adapter.to_dict()
   return {"stage": stage, "model": config_to_dict(config), "adapter": adapter,
-          "routing_ids": routing_ids}
+          "routing_ids": routing_ids, "backbone": backbone}
 
 
 def local_batch_size(global_batch: int) -> int:
@@ -104,7 +129,7 @@ def pretrain_adapters(model_dir: str, backbone: Backbone, adapter: AdapterConfig
   stream = lambda start: batches.lm_batches(
       mixture, local_batch_size(train.batch_size), train.inputs_length, train.targets_length,
       train.seed, start, _shard_info())
-  meta = run_meta("pretrain", config, routing_ids)
+  meta = run_meta("pretrain", config, routing_ids, backbone.fingerprint)
   result = trainer.train(model, params, stream, train, os.path.join(model_dir, "run"), meta,
                          abstract_variables(model), description=f"pretrain {adapter.method}")
   export = os.path.join(model_dir, "adapter")
@@ -144,6 +169,7 @@ def load_pretrained(backbone: Backbone, adapter_dir: str, train: trainer.TrainCo
     raise ValueError(f"few-shot adaptation trains on answer-choice batches with T-Few's losses:"
                      f" TrainConfig.loss must be 'tfew' (runs/adapt.gin sets it), got {train.loss!r}.")
   params, meta = checkpoints.load_adapter(adapter_dir)
+  check_backbone(meta, backbone, adapter_dir)
   task_id = len(meta["routing_ids"])
   adapter = from_dict(meta["adapter"]).with_tasks(task_id + 1)
   model = EncoderDecoder(backbone.config.replace(adapter=adapter))
@@ -163,7 +189,8 @@ def adapt(model_dir: str, backbone: Backbone, pretrained: Pretrained, task_name:
   arrays = fewshot.fewshot_arrays(task_name, k, seed, train.inputs_length, train.targets_length)
   stream = lambda start: batches.choice_batches(arrays, train.batch_size, seed, start,
                                                 pretrained.task_id, _shard_info())
-  meta = run_meta(f"adapt {task_name} k={k} seed={seed}", pretrained.model.config, routing_ids)
+  meta = run_meta(f"adapt {task_name} k={k} seed={seed}", pretrained.model.config, routing_ids,
+                  backbone.fingerprint)
   # The few-shot seed seeds the run too.
   result = pretrained.runner.fit(params, stream, model_dir, meta, seed=seed,
                                  description=f"adapt {task_name} s{seed}")
@@ -181,12 +208,14 @@ ADAPT_RESULT = "result.json"
 class AdaptResults:
   """Held-out accuracy per task and few-shot seed (``{task: {seed: accuracy}}``), the size of
   one adapted task's adapter and router params, each task's few-shot k, and the runs that did
-  not finish (``{"<task>_seed<seed>": {"status", "error"}}``: ``records.raise_unfinished``)."""
+  not finish (``{"<task>_seed<seed>": {"status", "error"}}``: ``records.raise_unfinished``), and
+  the backbone and adapter export they were computed from."""
 
   accuracy: dict[str, dict[str, float]]
   adaptation_params: int
   shots: dict[str, int]
   unfinished: dict[str, dict[str, str]]
+  identity: dict  # what they were computed from (``results_identity``)
 
 
 def adapt_heldout(model_dir: str, backbone: Backbone, adapter_dir: str, heldout,
@@ -201,6 +230,7 @@ def adapt_heldout(model_dir: str, backbone: Backbone, adapter_dir: str, heldout,
   adapting again, and one failed run no longer stops the others."""
   pretrained = load_pretrained(backbone, adapter_dir, train)
   scorer = evaluation.Scorer(pretrained.model, backbone.mesh, length_normalize)
+  identity = results_identity(backbone, adapter_dir)
 
   def adapt_and_score(run_dir: str, task: str, k: int, seed: int) -> dict:
     params = adapt(run_dir, backbone, pretrained, task, k, seed)
@@ -218,7 +248,7 @@ def adapt_heldout(model_dir: str, backbone: Backbone, adapter_dir: str, heldout,
       run_dir = os.path.join(model_dir, "adapt", name)
       settings = {"task": task, "seed": seed, "shots": k, "split": eval_split,
                   "adapter_dir": str(adapter_dir), "length_normalize": length_normalize,
-                  "train": dataclasses.asdict(train)}
+                  "train": dataclasses.asdict(train), **identity}
       record = records.run_once(os.path.join(run_dir, ADAPT_RESULT), settings,
                                 lambda: adapt_and_score(run_dir, task, k, seed))
       if record["status"] == records.FINISHED:
@@ -226,7 +256,7 @@ def adapt_heldout(model_dir: str, backbone: Backbone, adapter_dir: str, heldout,
       else:
         unfinished[name] = {"status": record["status"], "error": record["error"]}
   adapted = split_params(abstract_variables(pretrained.model)["params"])[0]
-  return AdaptResults(accuracy, count_params(adapted), shots_used, unfinished)
+  return AdaptResults(accuracy, count_params(adapted), shots_used, unfinished, identity)
 
 
 def evaluate_task(scorer: evaluation.Scorer, params, task_name: str, task_id: int | None,

@@ -35,9 +35,12 @@ def point_flags(point: dict[str, str]) -> list[str]:
   return [f"--gin.{k}={v}" for k, v in point.items()]
 
 
-def run(model_dir: str, grid: list[dict[str, str]], run_point: Callable[[dict], dict]) -> list[dict]:
-  """Runs each point not finished by an earlier run (``run_point`` returns its ``adapt``
-  results), rewriting ``sweep_results.json`` after each, then prints the table and draws it.
+def run(model_dir: str, grid: list[dict[str, str]], run_point: Callable[[dict], dict],
+        describe: Callable[[dict], dict] = lambda point: {}) -> list[dict]:
+  """Runs each point not finished by an earlier run with the same settings (``describe(point)``
+  resolves the point's settings, which its record keeps; ``run_point`` then runs it and returns
+  its ``adapt`` results), rewriting ``sweep_results.json`` after each, then prints the table and
+  draws it.
 
   A point whose training diverges is a result of the grid (its learning rate is too high), not a
   failure of the sweep: its row says so. A point that fails otherwise is recorded with its error
@@ -48,7 +51,7 @@ def run(model_dir: str, grid: list[dict[str, str]], run_point: Callable[[dict], 
     name = point_name(point)
     try:
       record = records.run_once(os.path.join(model_dir, name, POINT_RESULT),
-                                {"point": point, "flags": point_flags(point)},
+                                {"point": point, "flags": point_flags(point), **describe(point)},
                                 lambda: _finished_row(run_point(point)))
     except Preempted as notice:
       raise Preempted(f"sweep point {name} was preempted with {len(rows)} of {len(grid)} points"

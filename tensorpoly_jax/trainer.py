@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.metadata
+import json
+import os
 import signal
 import threading
 import time
@@ -20,12 +23,17 @@ from flax import struct, traverse_util
 from flax.core import unfreeze
 from jax.experimental import multihost_utils
 
-from tensorpoly_jax import checkpoints, losses, optimizers, partitioning, paths, run_lock
+from tensorpoly_jax import (checkpoints, field_types, losses, optimizers, partitioning, paths,
+                            run_lock)
 from tensorpoly_jax.metrics import MetricLogger
 from tensorpoly_jax.optimizers import OptimizerConfig, make_optimizer
 from tensorpoly_jax.param_roles import param_role
 from tensorpoly_jax.t5.model import EncoderDecoder, merge_params, split_params
 from tensorpoly_jax.t5.seq2seq import Seq2SeqModel
+
+
+OPERATIONAL_FIELDS = ("checkpoint_every", "keep_checkpoints", "log_every", "model_parallel",
+                      "num_devices", "new_schedule")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,14 +52,26 @@ class TrainConfig:
   model_parallel: int = 1
   num_devices: int = 0  # the mesh's devices: 0 = all of them
   optimizer: OptimizerConfig = OptimizerConfig()
+  # Resume a run whose steps or optimizer settings changed, rebuilding its schedule from the
+  # restored step (NEW_SCHEDULE); any other difference is still refused.
+  new_schedule: bool = False
 
   def __post_init__(self):
+    field_types.check(self)
     for name in ("steps", "batch_size", "inputs_length", "targets_length", "checkpoint_every",
                  "keep_checkpoints", "log_every", "model_parallel"):
       if getattr(self, name) < 1:
         raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
     if self.loss not in losses.LOSS_MODES:
       raise ValueError(f"loss {self.loss!r} is unknown; choose one of {losses.LOSS_MODES}.")
+
+  def identity(self) -> dict:
+    """The settings a run's result depends on: what a rerun into the same folder must repeat
+    (how often it logs or saves, and how it is sharded, may change)."""
+    fields = dataclasses.asdict(self)
+    for name in OPERATIONAL_FIELDS:
+      fields.pop(name)
+    return json.loads(json.dumps(fields))  # tuples as lists, as a checkpoint's JSON reads back
 
   def make_mesh(self):
     """The run's ``('data', 'model')`` mesh over ``num_devices`` devices (0: all)."""
@@ -159,6 +179,7 @@ class Trainer:
     paths.check_writable(model_dir)
     with run_lock.hold(model_dir):
       config = self.config if seed is None else dataclasses.replace(self.config, seed=seed)
+      meta = {**meta, "train": config.identity(), "code_version": code_version()}
       trainable, frozen = (params, {}) if config.train_backbone else split_params(params)
       steps = self.steps(trainable)
       frozen = jax.device_put(frozen, self.frozen_shardings)  # a no-op for params on the mesh
@@ -166,12 +187,24 @@ class Trainer:
                          jax.random.PRNGKey(config.seed))
       mngr, restored, start = checkpoints.restore_latest(
           str(paths.resolve(model_dir) / "checkpoints"), config.keep_checkpoints,
-          checkpoints.abstract(state), meta)
+          checkpoints.abstract(state), meta,
+          config.new_schedule)
+      paths.write_json(os.path.join(model_dir, IDENTITY_FILE), meta)  # only once it is agreed
       with contextlib.closing(mngr):
         state = restored if restored is not None else state
         state, history = _loop(state, frozen, steps.step, batches(start), self.mesh, start,
                                config, mngr, meta, model_dir, description)
     return TrainResult(merge_params(state.params, frozen), history, start, state)
+
+
+IDENTITY_FILE = "identity.json"  # the run's identity as its checkpoints record it
+
+
+def code_version() -> str:
+  try:
+    return importlib.metadata.version("tensorpoly-jax")
+  except importlib.metadata.PackageNotFoundError:
+    return "unknown"
 
 
 def train(model: EncoderDecoder, params, batches: Callable[[int], Iterator[dict]],

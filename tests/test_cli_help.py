@@ -145,8 +145,9 @@ def test_an_error_inside_a_command_drops_gins_call_context(monkeypatch, capsys, 
                   "--gin_file=runs/eval.gin", f"--model_dir={tmp_path}",
                   f"--gin.BACKBONE_DIR='{tmp_path / 'missing'}'") == 2
   err = capsys.readouterr().err
-  assert err == f"tensorpoly: error: [Errno 2] No such file or directory: " \
-                f"'{tmp_path / 'missing' / 't5_config.json'}'\n"
+  assert err == f"tensorpoly: error: {tmp_path / 'missing'} holds no converted backbone" \
+                " (t5_config.json and params/): set BACKBONE_DIR to a `tensorpoly convert` output" \
+                " or to a backbone run's MODEL_DIR/backbone.\n"
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):

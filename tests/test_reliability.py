@@ -20,7 +20,8 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.experimental import multihost_utils
 
-from tensorpoly_jax import checkpoints, evaluation, paths, pipeline, run_lock, trainer
+from tensorpoly_jax import (checkpoints, evaluation, fingerprint, paths, pipeline, run_lock,
+                            trainer)
 from tensorpoly_jax.data import choices, embedded, tasks
 from tensorpoly_jax.adapters import LoRAConfig
 from tensorpoly_jax.methods import adapter_config
@@ -59,7 +60,7 @@ def test_damaged_latest_checkpoint_falls_back_and_is_kept(backbone, tmp_path):
   # tensorstore's status for a cut file: a damaged step, not some other restore error.
   with pytest.warns(RuntimeWarning, match=r"checkpoint .*checkpoints/20 is damaged \(.*OUT_OF_RANGE"
                     r".*falling back"):
-    result, _ = pretrain(tmp_path, backbone, small(steps=25))
+    result, _ = pretrain(tmp_path, backbone, small(steps=25, new_schedule=True))
   assert result.resumed_from == 10
   kept = tmp_path / "run" / "checkpoints_corrupt" / "20"
   assert kept.is_dir() and all((kept / path.relative_to(latest)).exists() for path in damaged)
@@ -69,17 +70,60 @@ def test_damaged_latest_checkpoint_falls_back_and_is_kept(backbone, tmp_path):
 def test_checkpoint_of_another_configuration_is_refused_before_any_step(backbone, tmp_path):
   pretrain(tmp_path, backbone, small(steps=2, checkpoint_every=2))
   with pytest.raises(checkpoints.CheckpointMismatchError,
-                     match=r"different 'adapter': lora_rank: checkpoint 2 vs run 4"):
+                     match=r"written by another run:\n  adapter: lora_rank: checkpoint 2 vs run 4\n"
+                           r"  train: steps: checkpoint 2 vs run 4\nUse a new --model_dir"):
     pretrain(tmp_path, backbone, small(steps=4), LoRAConfig(lora_rank=4))
-  # Another optimizer leaves the meta alike: the state's tree tells, and nothing is moved aside.
+  # With a new schedule allowed, another optimizer gets past the identity: the state's tree
+  # tells, and nothing is moved aside.
   adafactor = OptimizerConfig(name="adafactor", learning_rate=1e-3)
   with pytest.raises(checkpoints.CheckpointMismatchError,
                      match=r"checkpoint .*checkpoints/2 holds a train state of another structure"
                            r" \(\d+ differences: opt_state/.*: checkpoint (float32\[.*\]|absent)"
                            r" vs run (float32\[.*\]|absent).*another optimizer"):
-    pretrain(tmp_path, backbone, small(steps=4, optimizer=adafactor))
+    pretrain(tmp_path, backbone, small(steps=4, optimizer=adafactor, new_schedule=True))
   assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2"]
   assert not (tmp_path / "run" / "checkpoints_corrupt").exists()
+
+
+def test_a_rerun_with_other_settings_never_reports_the_finished_runs_results(backbone, tmp_path):
+  first, _ = pretrain(tmp_path, backbone, small(steps=2, checkpoint_every=2))
+  identity = json.loads((tmp_path / "run" / trainer.IDENTITY_FILE).read_text())
+  assert identity["train"]["optimizer"]["learning_rate"] == 1e-3
+  assert identity["backbone"] == convert.stored_fingerprint(backbone) is not None
+  # The same settings resume (here: nothing left to run); other logging or saving is no change.
+  again, _ = pretrain(tmp_path, backbone, small(steps=2, checkpoint_every=1, log_every=2))
+  assert again.resumed_from == 2
+  faster = small(steps=2, checkpoint_every=2,
+                 optimizer=OptimizerConfig(name="adamw", learning_rate=1e-2))
+  with pytest.raises(checkpoints.CheckpointMismatchError,
+                     match=r"train: optimizer: checkpoint .*'learning_rate': 0.001.* vs run .*"
+                           r"'learning_rate': 0.01.*\nUse a new --model_dir, or the settings that"
+                           r" wrote it; or continue this run .* --gin.NEW_SCHEDULE=True"):
+    pretrain(tmp_path, backbone, faster)
+  with pytest.raises(checkpoints.CheckpointMismatchError, match=r"train: steps: checkpoint 2 vs"
+                                                                r" run 4\n.*NEW_SCHEDULE=True"):
+    pretrain(tmp_path, backbone, small(steps=4, checkpoint_every=2))
+  assert json.loads((tmp_path / "run" / trainer.IDENTITY_FILE).read_text()) == identity
+  longer, _ = pretrain(tmp_path, backbone, small(steps=4, checkpoint_every=2, new_schedule=True))
+  assert longer.resumed_from == 2 and [h["step"] for h in longer.history] == [3, 4]
+  assert json.loads((tmp_path / "run" / trainer.IDENTITY_FILE).read_text())["train"]["steps"] == 4
+  del first
+
+
+def test_an_adapter_is_refused_on_another_backbone_of_the_same_shapes(backbone, tmp_path):
+  loaded = pipeline.load_backbone(backbone, mesh=small().make_mesh())
+  other = dataclasses.replace(loaded, params=jax.tree_util.tree_map(lambda x: x * 1.01,
+                                                                     loaded.params))
+  other = dataclasses.replace(other, fingerprint=fingerprint.params_fingerprint(other.params))
+  assert other.fingerprint != loaded.fingerprint
+  _, adapter_dir = pipeline.pretrain_adapters(str(tmp_path), loaded, LoRAConfig(lora_rank=2),
+                                              tasks.EMBEDDED_TRAIN, small(steps=1))
+  adapt = small(steps=1, loss="tfew")
+  pipeline.load_pretrained(loaded, adapter_dir, adapt)
+  with pytest.raises(checkpoints.CheckpointMismatchError,
+                     match=rf"trained on the backbone with fingerprint {loaded.fingerprint}, but"
+                           rf" BACKBONE_DIR holds the backbone {other.fingerprint}"):
+    pipeline.load_pretrained(other, adapter_dir, adapt)
 
 
 # ------------------------------------------- restore errors by kind, on a small state (no model)
@@ -479,11 +523,59 @@ def test_a_layer_the_config_cannot_serve_is_named(kwargs, d_in, task_ids, match)
 
 
 @pytest.mark.parametrize("field,saved,run,expected", [
-    ("routing_ids", {"a": 0, "b": 1}, {"a": 1, "b": 0}, "a: checkpoint 0 vs run 1"),
+    ("routing_ids", {"a": 0, "b": 1}, {"a": 1, "b": 0}, "a: checkpoint 0 vs run 1, b: checkpoint 1"
+                                                        " vs run 0"),
     ("model", {"emb_dim": 64}, {"emb_dim": 512}, "emb_dim: checkpoint 64 vs run 512"),
     ("stage", "pretrain", "backbone", "checkpoint 'pretrain' vs run 'backbone'"),
+    ("backbone", "0123", "4567", "checkpoint '0123' vs run '4567'"),
+    ("train", {"seed": 0}, {"seed": 1}, "seed: checkpoint 0 vs run 1"),
 ])
 def test_meta_mismatch_names_the_field(field, saved, run, expected):
-  base = {"model": {}, "adapter": None, "routing_ids": {}, "stage": "pretrain"}
-  with pytest.raises(checkpoints.CheckpointMismatchError, match=f"different '{field}': {expected}"):
+  base = {"model": {}, "adapter": None, "routing_ids": {}, "stage": "pretrain",
+          "train": {"steps": 2}, "backbone": "0123"}
+  with pytest.raises(checkpoints.CheckpointMismatchError, match=f"\n  {field}: {expected}\n"):
     checkpoints.check_meta({**base, field: saved}, {**base, field: run}, "ckpt/7")
+  # A new schedule lets steps and optimizer settings change, and nothing else.
+  checkpoints.check_meta({**base, "train": {"steps": 2, "optimizer": {"learning_rate": 1.0}}},
+                         {**base, "train": {"steps": 9, "optimizer": {"learning_rate": 2.0}}},
+                         "ckpt/7", new_schedule=True)
+  with pytest.raises(checkpoints.CheckpointMismatchError, match="train: seed"):
+    checkpoints.check_meta({**base, "train": {"seed": 0}}, {**base, "train": {"seed": 1}},
+                           "ckpt/7", new_schedule=True)
+
+
+@pytest.mark.parametrize("flag,match", [
+    ("--gin.TRAIN_STEPS=1e3", r"TrainConfig.steps must be an int, got 1000.0 \(float\)"),
+    ("--gin.LEARNING_RATE='1e-3'", r"OptimizerConfig.learning_rate must be a float, got '1e-3'"),
+    ("--gin.LORA_RANK=2.0", r"LoRAConfig.lora_rank must be an int, got 2.0"),
+])
+def test_a_gin_value_of_the_wrong_type_is_refused_before_the_backbone_loads(tmp_path, flag, match):
+  from tensorpoly_jax import cli
+
+  with pytest.raises(ValueError, match=match):
+    cli.main(["train", "--gin_file=adapters/lora.gin", "--gin_file=runs/data_embedded.gin",
+              "--gin_file=runs/pretrain.gin", f"--model_dir={tmp_path}",
+              f"--gin.BACKBONE_DIR='{tmp_path / 'no_backbone_here'}'", flag])
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags,error,match", [
+    (["--gin.SEEDS=(0, 1.5)"], ValueError, r"SEEDS=\(0, 1.5\) must be a non-empty tuple of ints"),
+    (["--gin.HELDOUT='embedded__oak'"], ValueError, r"unknown seqio task or mixture 'embedded__oak'"),
+    (["--gin.NUM_SHOTS=500"], ValueError, r"few-shot k=500 must be in \[1, 200\]"),
+    ([], FileNotFoundError, r"no_backbone_here holds no converted backbone .*set BACKBONE_DIR"),
+])
+def test_adapt_settings_and_dirs_are_checked_before_any_work(tmp_path, flags, error, match):
+  from tensorpoly_jax import cli
+
+  with pytest.raises(error, match=match):
+    cli.main(["adapt", "--gin_file=runs/data_embedded.gin", "--gin_file=runs/adapt.gin",
+              f"--model_dir={tmp_path}", f"--gin.BACKBONE_DIR='{tmp_path / 'no_backbone_here'}'",
+              f"--gin.ADAPTER_DIR='{tmp_path / 'no_adapter_here'}'", *flags])
+  assert not (tmp_path / "adapt").exists()
+
+
+def test_a_missing_adapter_export_is_named(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"is not an adapter export \(no adapter_config.json"
+                                              r" or adapter.safetensors\): set ADAPTER_DIR"):
+    checkpoints.load_adapter(str(tmp_path))

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import seqio
 
+from tensorpoly_jax import field_types
 from tensorpoly_jax.data import prompts, sources, tasks
 
 MAX_EXAMPLES_PER_DATASET = 500_000
@@ -93,6 +94,7 @@ class Protocol:
   anli_eval: str = "test"  # T-Few evaluates ANLI on test_rX; 'dev': dev_rX, as the original T0
 
   def __post_init__(self):
+    field_types.check(self)
     if self.anli_eval not in ("test", "dev"):
       raise ValueError(f"anli_eval must be 'test' or 'dev', got {self.anli_eval!r} (ANLI_EVAL).")
 

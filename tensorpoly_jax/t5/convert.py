@@ -225,20 +225,23 @@ def load_hf_checkpoint(checkpoint_dir: str, allow_pickle: bool = False,
 
 CONVERTED_CONFIG = "t5_config.json"
 CONVERTED_PARAMS = "params"
+CONVERTED_FINGERPRINT = "fingerprint.txt"  # the params' content (tensorpoly_jax.fingerprint)
 
 
 def save_converted(output_dir: str, config: T5Config, params) -> None:
-  """Writes the backbone as an orbax checkpoint plus its T5Config (JSON) for the trainer.
+  """Writes the backbone as an orbax checkpoint plus its T5Config (JSON) for the trainer, and its
+  content fingerprint, which every run and adapter export on it records.
 
   In a multi-host run every process calls this (orbax writes each host's shards); process 0
-  writes the JSON."""
+  writes the JSON and the fingerprint."""
   import orbax.checkpoint as ocp
 
-  from tensorpoly_jax import paths
+  from tensorpoly_jax import fingerprint, paths
 
   directory = paths.resolve(output_dir)
   directory.mkdir(parents=True, exist_ok=True)
   paths.write_json(directory / CONVERTED_CONFIG, config_to_dict(config))
+  paths.atomic_write(directory / CONVERTED_FINGERPRINT, fingerprint.params_fingerprint(params))
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(directory / CONVERTED_PARAMS, params)
   checkpointer.wait_until_finished()
@@ -253,10 +256,23 @@ def has_converted(output_dir: str) -> bool:
   return (directory / CONVERTED_CONFIG).exists() and (directory / CONVERTED_PARAMS).exists()
 
 
+def stored_fingerprint(output_dir: str) -> str | None:
+  """The fingerprint ``save_converted`` wrote (None for a folder written before it did)."""
+  from tensorpoly_jax import paths
+
+  path = paths.resolve(output_dir) / CONVERTED_FINGERPRINT
+  return path.read_text().strip() if path.exists() else None
+
+
 def converted_config(output_dir: str) -> T5Config:
   """The T5Config of a ``save_converted`` folder (its params are not read)."""
   from tensorpoly_jax import paths
 
+  if not has_converted(output_dir):
+    raise FileNotFoundError(
+        f"{output_dir} holds no converted backbone ({CONVERTED_CONFIG} and {CONVERTED_PARAMS}/):"
+        " set BACKBONE_DIR to a `tensorpoly convert` output or to a backbone run's"
+        " MODEL_DIR/backbone.")
   return config_from_dict(json.loads((paths.resolve(output_dir) / CONVERTED_CONFIG).read_text()))
 
 

@@ -16,6 +16,7 @@ from flax import traverse_util
 from flax.core import unfreeze
 from flax.linen import partitioning as nn_partitioning
 
+from tensorpoly_jax import field_types
 from tensorpoly_jax.methods import AdapterConfig
 from tensorpoly_jax.param_roles import is_adapter_path
 from tensorpoly_jax.routing import ROUTING_RNG, Router
@@ -115,6 +116,7 @@ class RunOptions:
   scan_layers: bool | None = None
 
   def __post_init__(self):
+    field_types.check(self)
     dtype_named(self.dtype)
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"RunOptions.remat={self.remat!r} is unknown; choose one of"
