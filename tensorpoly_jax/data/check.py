@@ -39,12 +39,12 @@ def report_task(name: str, heldout: bool) -> TaskReport:
     else:
       sample = read.rows[0]
   if heldout:
-    problems += _heldout_problems(name, info, rows, examples)
+    problems += _heldout_problems(info, examples)
   return TaskReport(name, heldout, rows, examples, dropped, info.templates, info.num_shots,
                     sample, tuple(problems))
 
 
-def _heldout_problems(name, info, rows, examples) -> list[str]:
+def _heldout_problems(info, examples) -> list[str]:
   problems = []
   if len(info.splits) < 2:
     problems.append(f"held-out tasks need a few-shot pool and an evaluation split; it has only"

@@ -223,11 +223,6 @@ def task_info(name: str) -> TaskInfo:
                    inputs_eos=features["inputs"].add_eos)
 
 
-def dropped_rows(name: str, split: str) -> dict[str, int]:
-  """Why rows of a registered task's split could not be used: reason -> count."""
-  return dict(task_info(name).read(split, None).dropped)
-
-
 def add_task(name: str, source: seqio.DataSource, vocabulary: seqio.Vocabulary,
              inputs_eos: bool = True) -> seqio.Task:
   """Registers (or re-registers) a task with tokenized inputs/targets."""
