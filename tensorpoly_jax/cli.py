@@ -123,7 +123,8 @@ def _export(args) -> int:
 
 
 def _import(args) -> int:
-  commands.import_peft(args.peft_dir, args.backbone_dir, args.output_dir)
+  commands.import_peft(args.peft_dir, args.backbone_dir, args.output_dir,
+                       not args.skip_base_model_check)
   return 0
 
 
@@ -297,6 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+  """Each command's parser (argparse exposes them only through its subparsers action)."""
+  return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
 def _add_file_commands(add) -> None:
   """The commands that read and write files, with no gin."""
   convert = add("convert", "Hugging Face T5/T0 checkpoint -> Flax params", _convert)
@@ -331,6 +337,9 @@ def _add_file_commands(add) -> None:
   import_.add_argument("--backbone_dir", required=True, help="the converted backbone it adapts")
   import_.add_argument("--output_dir", required=True,
                        help="where the adapter export goes (the ADAPTER_DIR of runs)")
+  import_.add_argument("--skip_base_model_check", action="store_true",
+                       help="import although the adapter's base_model_name_or_path names another"
+                       " model than the backbone was converted from (the same model renamed)")
   add("install-templates", "install the promptsource (P3) templates for the T0 tasks",
       _install_templates)
 

@@ -124,16 +124,16 @@ def _required_rows(gin_files) -> list[str]:
 
 def required_macros(gin_file: str) -> list[str]:
   """The macros ``gin_file`` (with its includes) leaves ``%gin.REQUIRED``."""
-  return [name for name, value in _macro_assignments(gin_file).items() if value == REQUIRED]
+  return [name for name, value in macro_assignments(gin_file).items() if value == REQUIRED]
 
 
-def _macro_assignments(gin_file: str) -> dict[str, str]:
+def macro_assignments(gin_file: str) -> dict[str, str]:
   """Each macro's last assignment in ``gin_file``, includes read where they stand."""
   assignments = {}
   with open(os.path.join(CONFIGS, gin_file), encoding="utf-8") as lines:
     for line in lines:
       if include := _INCLUDE_LINE.match(line):
-        assignments.update(_macro_assignments(include[1]))
+        assignments.update(macro_assignments(include[1]))
       elif macro := _MACRO_LINE.match(line):
         assignments[macro[1]] = macro[2]
   return assignments

@@ -7,9 +7,9 @@ import os
 import jax
 import numpy as np
 
-from tensorpoly_jax import (aot, checkpoints, evaluation, partitioning, paths, peft_bridge,
-                           pipeline, records)
-from tensorpoly_jax.data import check, fewshot, tasks
+from tensorpoly_jax import (aot, checkpoints, console, evaluation, partitioning, paths,
+                            peft_bridge, pipeline, records)
+from tensorpoly_jax.data import check, choices, fewshot, tasks
 from tensorpoly_jax.methods import AdapterConfig, from_dict
 from tensorpoly_jax.t5 import convert as t5_convert
 from tensorpoly_jax.t5 import layout
@@ -180,9 +180,12 @@ def evaluate(model_dir: str, backbone_dir: str, heldout, adapter_dir: str | None
     params, task_id = merge_params(adapter_params, params), meta.get("task_id")
     seed = meta.get("seed", seed)
   scorer = evaluation.Scorer(EncoderDecoder(config), backbone.mesh, length_normalize)
-  results = {task: pipeline.evaluate_task(scorer, params, task, task_id, inputs_length,
-                                          targets_length, split, batch_size, seed)
-             for task in task_list(heldout)}
+  results, names = {}, task_list(heldout)
+  width = choices.choice_width(names, split, inputs_length, targets_length)  # one compile
+  for task in names:
+    results[task] = pipeline.evaluate_task(scorer, params, task, task_id, inputs_length,
+                                           targets_length, split, batch_size, seed, width)
+    console.say(f"eval {task}: accuracy {results[task]:.4f} on {split}")
   paths.write_json(os.path.join(model_dir, "eval_results.json"),
                    {"split": split, "accuracy": results,
                     "identity": pipeline.results_identity(backbone, adapter_dir)})
@@ -191,18 +194,18 @@ def evaluate(model_dir: str, backbone_dir: str, heldout, adapter_dir: str | None
 
 def convert(checkpoint_dir: str, output_dir: str, dtype: str = "float32",
             allow_pickle: bool = False, scan_layers: bool = False) -> None:
-  from tqdm import tqdm
-
   import ml_dtypes
 
   numpy_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
+  source = checkpoint_dir  # as the user named it: a hub id or a folder
   checkpoint_dir = t5_convert.checkpoint_folder(checkpoint_dir, allow_pickle)
-  with tqdm(desc="converting tensors", unit=" tensors") as bar:
+  with console.Progress(None, "converting", unit="tensor") as progress:
     config, params = t5_convert.load_hf_checkpoint(checkpoint_dir, allow_pickle, numpy_dtype,
-                                                   progress=lambda name: bar.update(1))
+                                                   progress=lambda name: progress.advance())
+    progress.report()
   if scan_layers:  # stored as scanned runs read it: no layout change at every load
     config, params = config.replace(scan_layers=True), layout.stack_layers(params)
-  t5_convert.save_converted(output_dir, config, params)
+  t5_convert.save_converted(output_dir, config, params, source=source)
   print(f"wrote {output_dir} ({t5_convert.CONVERTED_CONFIG}, {t5_convert.CONVERTED_PARAMS}/)")
 
 
@@ -213,9 +216,10 @@ def export_peft(adapter_dir: str, output_dir: str, task_id: int | None = None,
   print(f"wrote {written} ({peft_bridge.PEFT_CONFIG}, {peft_bridge.PEFT_WEIGHTS})")
 
 
-def import_peft(peft_dir: str, backbone_dir: str, output_dir: str) -> None:
+def import_peft(peft_dir: str, backbone_dir: str, output_dir: str,
+                check_base_model: bool = True) -> None:
   """A PEFT LoRA / Poly adapter of Hugging Face T5 -> an adapter export for the converted backbone."""
-  written = peft_bridge.import_(peft_dir, backbone_dir, output_dir)
+  written = peft_bridge.import_(peft_dir, backbone_dir, output_dir, check_base_model)
   print(f"wrote {written} ({checkpoints.ADAPTER_META}, {checkpoints.ADAPTER_FILE})")
 
 

@@ -12,8 +12,8 @@ import dataclasses
 import os
 import time
 
-from tensorpoly_jax import evaluation, paths, pipeline, records
-from tensorpoly_jax.data import embedded, tasks
+from tensorpoly_jax import console, evaluation, paths, pipeline, records
+from tensorpoly_jax.data import choices, embedded, tasks
 from tensorpoly_jax.methods import AdapterConfig
 from tensorpoly_jax.optimizers import OptimizerConfig
 from tensorpoly_jax.reporting import write_report
@@ -89,11 +89,18 @@ def run(model_dir: str, config: DemoConfig) -> dict:
   tasks.register_embedded(config.data_seed, config.sizes)
   heldout = [tasks.embedded_heldout_task(t) for t in sorted(embedded.HELDOUT_TASKS)]
   length = dict(inputs_length=config.inputs_length, targets_length=config.targets_length)
+  stages = len(config.methods) + 3  # the backbone, zero-shot, each method, the report
+  stage = lambda number, what: console.say(f"demo stage {number}/{stages}: {what}")
+  stage(1, f"train the backbone on the {len(tasks.mixture_task_names(tasks.EMBEDDED_TRAIN))}"
+        " training tasks")
   backbone_dir = pipeline.train_backbone(os.path.join(model_dir, "backbone"), preset("tiny"),
                                          tasks.EMBEDDED_TRAIN, config.train_config("backbone"))
   backbone = pipeline.load_backbone(backbone_dir)  # once, for every method, task and seed
+  stage(2, f"score the backbone alone on the {len(heldout)} held-out tasks (zero-shot)")
   results = {"zero_shot_backbone": _zero_shot(backbone, heldout, config.eval_split, length)}
-  for name, method in config.methods.items():
+  for number, (name, method) in enumerate(config.methods.items(), 3):
+    stage(number, f"{name}: multi-task pretraining, then {len(heldout)} held-out tasks x"
+          f" {len(config.seeds)} seeds adapted and scored")
     method_dir = os.path.join(model_dir, name)
     _, adapter_dir = pipeline.pretrain_adapters(method_dir, backbone, method.adapter,
                                                 tasks.EMBEDDED_TRAIN,
@@ -103,6 +110,7 @@ def run(model_dir: str, config: DemoConfig) -> dict:
                                      eval_split=config.eval_split)
     records.raise_unfinished(adapted.unfinished)  # the report needs every task x seed
     results[name] = dataclasses.asdict(adapted)
+  stage(stages, "the report")
   evaluation = {"config": config.to_dict(), "results": results,
                 "seconds": round(time.time() - started, 1)}
   paths.write_json(os.path.join(model_dir, EVALUATION_FILE), evaluation)
@@ -112,6 +120,7 @@ def run(model_dir: str, config: DemoConfig) -> dict:
 def _zero_shot(backbone: pipeline.Backbone, heldout, split: str, length):
   """The backbone alone, before any adaptation (a held-out task's name is new to it)."""
   scorer = evaluation.Scorer(EncoderDecoder(backbone.config), backbone.mesh)
+  width = choices.choice_width(heldout, split, **length)  # one compile for every task
   accuracy = {t: {"-": pipeline.evaluate_task(scorer, backbone.params, t, None, split=split,
-                                              **length)} for t in heldout}
+                                              choice_width=width, **length)} for t in heldout}
   return {"accuracy": accuracy, "adaptation_params": 0}

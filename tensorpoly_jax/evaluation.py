@@ -7,7 +7,7 @@ import functools
 import jax
 import numpy as np
 
-from tensorpoly_jax import partitioning
+from tensorpoly_jax import console, partitioning
 from tensorpoly_jax.t5.model import EncoderDecoder
 from tensorpoly_jax.t5.seq2seq import Seq2SeqModel
 
@@ -22,13 +22,17 @@ class Scorer:
     self.mesh = mesh
     score = functools.partial(Seq2SeqModel(model).score_choices, length_normalize=length_normalize)
     self.score = jax.jit(score, out_shardings=partitioning.replicated(mesh))
+    self._score = console.timed_compiles(
+        self.score, "compiling the scorer",
+        lambda params, inputs, choice_tokens, task_ids: {"encoder_input_tokens": inputs.shape,
+                                                         "choice_tokens": choice_tokens.shape})
 
-  def predict(self, params, arrays: dict, task_id: int | None,
-              batch_size: int = 32) -> np.ndarray:
+  def predict(self, params, arrays: dict, task_id: int | None, batch_size: int = 32,
+              description: str = "eval") -> np.ndarray:
     """Predicted choice per example. ``params`` should already be on the mesh (placed once by
     the caller); batches are split over its ``data`` axis and padded to one shape. Every process
     passes the same arrays and gets every prediction. Non-finite scores raise ValueError
-    (``check_finite``)."""
+    (``check_finite``). Progress is shown as ``description``."""
     data = self.mesh.shape["data"]
     if batch_size % data:
       raise ValueError(f"eval batch_size={batch_size} must be divisible by the mesh's data axis"
@@ -37,19 +41,23 @@ class Scorer:
     sharding = partitioning.batch_sharding(self.mesh)
     total = len(arrays["label"])
     predictions = []
-    for start in range(0, total, batch_size):
-      index = np.arange(start, start + batch_size) % total
-      ids = None if task_id is None else np.full((batch_size,), task_id, np.int32)
-      batch = jax.device_put((arrays["encoder_input_tokens"][index],
-                              arrays["choice_tokens"][index], ids), sharding)
-      scores = np.asarray(self.score(params, *batch))[:min(batch_size, total - start)]
-      check_finite(scores, arrays["choice_tokens"][index[:len(scores)]], start, task_id)
-      predictions.append(scores.argmax(-1))
+    with console.Progress(total, description, unit="example") as progress:
+      for start in range(0, total, batch_size):
+        index = np.arange(start, start + batch_size) % total
+        ids = None if task_id is None else np.full((batch_size,), task_id, np.int32)
+        batch = jax.device_put((arrays["encoder_input_tokens"][index],
+                                arrays["choice_tokens"][index], ids), sharding)
+        scores = np.asarray(self._score(params, *batch))[:min(batch_size, total - start)]
+        check_finite(scores, arrays["choice_tokens"][index[:len(scores)]], start, task_id)
+        predictions.append(scores.argmax(-1))
+        progress.advance(len(scores))
+      progress.report()
     return np.concatenate(predictions)
 
-  def accuracy(self, params, arrays: dict, task_id: int | None = None,
-               batch_size: int = 32) -> float:
-    return float(np.mean(self.predict(params, arrays, task_id, batch_size) == arrays["label"]))
+  def accuracy(self, params, arrays: dict, task_id: int | None = None, batch_size: int = 32,
+               description: str = "eval") -> float:
+    predictions = self.predict(params, arrays, task_id, batch_size, description)
+    return float(np.mean(predictions == arrays["label"]))
 
 
 def check_finite(scores: np.ndarray, choice_tokens: np.ndarray, start: int,

@@ -1,13 +1,12 @@
-"""Training metrics: a progress bar (step, loss, ETA), a JSONL log and TensorBoard event files,
-written by process 0 only."""
+"""Training metrics: progress (``console.Progress``: step, loss, ETA), a JSONL log and TensorBoard
+event files, written by process 0 only."""
 from __future__ import annotations
 
 import json
 
 import jax
-from tqdm import tqdm
 
-from tensorpoly_jax import paths
+from tensorpoly_jax import console, paths
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -18,8 +17,7 @@ class MetricLogger:
   def __init__(self, model_dir: str, description: str, start: int, total: int):
     self.enabled = jax.process_index() == 0
     self.description = description
-    self._bar = tqdm(total=total, initial=start, desc=description, disable=not self.enabled,
-                     dynamic_ncols=True, mininterval=1.0)
+    self._progress = console.Progress(total, description, initial=start)
     self._jsonl = self._writer = None
     if self.enabled:
       directory = paths.resolve(model_dir)
@@ -31,15 +29,15 @@ class MetricLogger:
       self._writer = SummaryWriter(str(directory / "tensorboard"))
 
   def advance(self) -> None:
-    """One step done (the bar needs no metric values, so no device sync)."""
-    self._bar.update(1)
+    """One step done (progress needs no metric values, so no device sync)."""
+    self._progress.advance()
 
   def log(self, step: int, metrics: dict) -> None:
     """Writes one step's fetched metrics (floats) under stable ``train/<name>`` tags: which run
     they belong to is the folder, so runs overlay in TensorBoard."""
     if not self.enabled:
       return
-    self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+    self._progress.report(loss=metrics["loss"])
     self._jsonl.write(json.dumps({"stage": self.description, "step": step, **metrics}) + "\n")
     self._jsonl.flush()
     for key, value in metrics.items():
@@ -49,7 +47,7 @@ class MetricLogger:
     return self
 
   def __exit__(self, *exc):
-    self._bar.close()
+    self._progress.close()
     if self.enabled:
       self._jsonl.close()
       self._writer.flush()

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from tensorpoly_jax import paths
+from tensorpoly_jax import console, paths
 from tensorpoly_jax.methods import AdapterConfig, adapter_config, from_dict
 from tensorpoly_jax.routing import Router
 from tensorpoly_jax.t5 import convert
@@ -229,18 +229,47 @@ def from_peft(config: dict, tensors: dict[str, np.ndarray], backbone: T5Config
   return adapter, nested
 
 
-def import_(peft_dir: str, backbone_dir: str, output_dir: str) -> str:
-  """Writes a PEFT adapter folder as a tensorpoly adapter export for the converted backbone."""
+def import_(peft_dir: str, backbone_dir: str, output_dir: str,
+            check_base_model: bool = True) -> str:
+  """Writes a PEFT adapter folder as a tensorpoly adapter export for the converted backbone; with
+  ``check_base_model``, refuses one whose base model is not the one the backbone came from
+  (``check_same_model``)."""
   from safetensors.numpy import load
 
   from tensorpoly_jax import checkpoints, pipeline
 
   source = paths.resolve(peft_dir)
+  config = json.loads((source / PEFT_CONFIG).read_text())
+  if check_base_model:
+    check_same_model(config.get("base_model_name_or_path"), convert.stored_source(backbone_dir),
+                     backbone_dir)
   backbone = convert.converted_config(backbone_dir)
-  adapter, params = from_peft(json.loads((source / PEFT_CONFIG).read_text()),
-                              load((source / PEFT_WEIGHTS).read_bytes()), backbone)
+  adapter, params = from_peft(config, load((source / PEFT_WEIGHTS).read_bytes()), backbone)
   routing_ids = {f"task_{i}": i for i in range(adapter.n_tasks)} if adapter.routed else {}
+  # Recorded as a trained export records it: adapt and eval refuse another backbone.
   meta = pipeline.run_meta(f"import peft {peft_dir}", backbone.replace(adapter=adapter),
-                           routing_ids)
+                           routing_ids, convert.stored_fingerprint(backbone_dir))
   parent = paths.resolve(output_dir)
   return checkpoints.export_adapter(str(parent.parent), parent.name, params, meta)
+
+
+def _model_name(model: str) -> str:
+  return model.rstrip("/").rsplit("/", 1)[-1].lower()
+
+
+def check_same_model(base_model: str | None, converted_from: str | None, backbone_dir: str) -> None:
+  """Refuses a PEFT adapter whose ``base_model_name_or_path`` names another model than the one
+  the backbone was converted from: same-shaped models (T0 and the T5 it started from) pass the
+  shape checks and would score silently wrong. Names compare by their last part, so a hub id and
+  a local copy agree (``bigscience/T0_3B``, ``/data/hf/T0_3B``). When either name is unknown, only
+  the shapes are checked, and the import says so."""
+  if not base_model or not converted_from:
+    missing = ("the PEFT adapter names no base model" if not base_model else
+               f"{backbone_dir} does not record what it was converted from")
+    console.say(f"import: {missing}; only the shapes are checked.")
+    return
+  if _model_name(base_model) != _model_name(converted_from):
+    raise PeftFormatError(
+        f"the PEFT adapter was trained on {base_model!r} (base_model_name_or_path), but"
+        f" {backbone_dir} was converted from {converted_from!r}: convert that model and import"
+        " onto it, or pass --skip_base_model_check if they are the same model under two names.")

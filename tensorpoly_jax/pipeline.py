@@ -12,8 +12,8 @@ import numpy as np
 from flax import traverse_util
 from flax.core import unfreeze
 
-from tensorpoly_jax import (checkpoints, evaluation, fingerprint, metrics, partitioning, records,
-                            trainer)
+from tensorpoly_jax import (checkpoints, console, evaluation, fingerprint, metrics, partitioning,
+                            records, trainer)
 from tensorpoly_jax.data import batches, choices, fewshot, tasks
 from tensorpoly_jax.methods import AdapterConfig, from_dict
 from tensorpoly_jax.param_roles import param_role
@@ -178,15 +178,18 @@ def load_pretrained(backbone: Backbone, adapter_dir: str, train: trainer.TrainCo
 
 
 def adapt(model_dir: str, backbone: Backbone, pretrained: Pretrained, task_name: str, k: int,
-          seed: int):
-  """Few-shot adaptation of a held-out task from a pretrained adapter, with a new router row;
-  returns the adapted params."""
+          seed: int, choice_width: int | None = None):
+  """Few-shot adaptation of a held-out task from a pretrained adapter, with a new router row, its
+  batches' choices padded to ``choice_width`` (``choices.pad_choices``); returns the adapted
+  params."""
   train = pretrained.runner.config
   routing_ids = {**pretrained.meta["routing_ids"], task_name: pretrained.task_id}
   adapter_params = layout.to_layout(add_router_row(pretrained.params, seed),
                                     pretrained.model.config.scan_layers)
   params = merge_params(adapter_params, backbone.params)
-  arrays = fewshot.fewshot_arrays(task_name, k, seed, train.inputs_length, train.targets_length)
+  arrays = choices.pad_choices(
+      fewshot.fewshot_arrays(task_name, k, seed, train.inputs_length, train.targets_length),
+      choice_width)
   stream = lambda start: batches.choice_batches(arrays, train.batch_size, seed, start,
                                                 pretrained.task_id, _shard_info())
   meta = run_meta(f"adapt {task_name} k={k} seed={seed}", pretrained.model.config, routing_ids,
@@ -231,37 +234,47 @@ def adapt_heldout(model_dir: str, backbone: Backbone, adapter_dir: str, heldout,
   pretrained = load_pretrained(backbone, adapter_dir, train)
   scorer = evaluation.Scorer(pretrained.model, backbone.mesh, length_normalize)
   identity = results_identity(backbone, adapter_dir)
+  # Every task's batches as wide as the widest task's: one compiled step and scorer for all.
+  width = choices.choice_width(heldout, eval_split, train.inputs_length, train.targets_length)
 
   def adapt_and_score(run_dir: str, task: str, k: int, seed: int) -> dict:
-    params = adapt(run_dir, backbone, pretrained, task, k, seed)
+    params = adapt(run_dir, backbone, pretrained, task, k, seed, choice_width=width)
     value = evaluate_task(scorer, params, task, pretrained.task_id, train.inputs_length,
-                          train.targets_length, eval_split, eval_batch_size, seed)
+                          train.targets_length, eval_split, eval_batch_size, seed,
+                          choice_width=width)
     metrics.write_eval(run_dir, value, train.steps)
     return {"accuracy": value}
 
   accuracy: dict[str, dict[str, float]] = {}
   unfinished: dict[str, dict[str, str]] = {}
   shots_used = {task: fewshot.num_shots(task, shots) for task in heldout}
-  for task, k in shots_used.items():
-    for seed in seeds:
-      name = f"{task}_seed{seed}"
-      run_dir = os.path.join(model_dir, "adapt", name)
-      settings = {"task": task, "seed": seed, "shots": k, "split": eval_split,
-                  "adapter_dir": str(adapter_dir), "length_normalize": length_normalize,
-                  "train": dataclasses.asdict(train), **identity}
-      record = records.run_once(os.path.join(run_dir, ADAPT_RESULT), settings,
-                                lambda: adapt_and_score(run_dir, task, k, seed))
-      if record["status"] == records.FINISHED:
-        accuracy.setdefault(task, {})[str(seed)] = record["accuracy"]
-      else:
-        unfinished[name] = {"status": record["status"], "error": record["error"]}
+  runs = [(task, k, seed) for task, k in shots_used.items() for seed in seeds]
+  for number, (task, k, seed) in enumerate(runs, 1):
+    name = f"{task}_seed{seed}"
+    run_dir = os.path.join(model_dir, "adapt", name)
+    settings = {"task": task, "seed": seed, "shots": k, "split": eval_split,
+                "adapter_dir": str(adapter_dir), "length_normalize": length_normalize,
+                "train": dataclasses.asdict(train), **identity}
+    console.say(f"adapt run {number}/{len(runs)}: {task}, seed {seed}, k={k}")
+    record = records.run_once(os.path.join(run_dir, ADAPT_RESULT), settings,
+                              lambda: adapt_and_score(run_dir, task, k, seed))
+    if record["status"] == records.FINISHED:
+      accuracy.setdefault(task, {})[str(seed)] = record["accuracy"]
+      outcome = f"accuracy {record['accuracy']:.4f} on {eval_split}"
+    else:
+      unfinished[name] = {"status": record["status"], "error": record["error"]}
+      outcome = f"{record['status']}: {record['error']}"
+    console.say(f"adapt run {number}/{len(runs)}: {task}, seed {seed}: {outcome}")
   adapted = split_params(abstract_variables(pretrained.model)["params"])[0]
   return AdaptResults(accuracy, count_params(adapted), shots_used, unfinished, identity)
 
 
 def evaluate_task(scorer: evaluation.Scorer, params, task_name: str, task_id: int | None,
                   inputs_length: int, targets_length: int, split: str = "validation",
-                  batch_size: int = 32, seed: int = 0) -> float:
-  """Accuracy on ``split``, each example under a template drawn with ``seed``."""
-  arrays = choices.evaluation_arrays(task_name, split, inputs_length, targets_length, seed)
-  return scorer.accuracy(params, arrays, task_id, batch_size)
+                  batch_size: int = 32, seed: int = 0, choice_width: int | None = None) -> float:
+  """Accuracy on ``split``, each example under a template drawn with ``seed``, its choices padded
+  to ``choice_width`` (``choices.pad_choices``)."""
+  arrays = choices.pad_choices(
+      choices.evaluation_arrays(task_name, split, inputs_length, targets_length, seed),
+      choice_width)
+  return scorer.accuracy(params, arrays, task_id, batch_size, f"eval {task_name} ({split})")

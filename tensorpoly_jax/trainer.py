@@ -23,12 +23,12 @@ from flax import struct, traverse_util
 from flax.core import unfreeze
 from jax.experimental import multihost_utils
 
-from tensorpoly_jax import (checkpoints, field_types, losses, optimizers, partitioning, paths,
-                            run_lock)
+from tensorpoly_jax import (checkpoints, console, field_types, losses, optimizers, partitioning,
+                            paths, run_lock)
 from tensorpoly_jax.metrics import MetricLogger
 from tensorpoly_jax.optimizers import OptimizerConfig, make_optimizer
 from tensorpoly_jax.param_roles import param_role
-from tensorpoly_jax.t5.model import EncoderDecoder, merge_params, split_params
+from tensorpoly_jax.t5.model import EncoderDecoder, describe, merge_params, split_params
 from tensorpoly_jax.t5.seq2seq import Seq2SeqModel
 
 
@@ -125,10 +125,22 @@ def all_finite(tree) -> jnp.ndarray:
 def role_norms(prefix: str, tree) -> dict:
   """``{f"{prefix}/{role}": global norm}`` per param role: whether leaves, routers and LoRA
   weights move at comparable speeds is the first question when one method trains worse."""
-  by_role: dict[str, list] = {}
+  return {f"{prefix}/{role}": optax.tree.norm(values)
+          for role, values in leaves_by_role(tree).items()}
+
+
+def leaves_by_role(tree) -> dict[str, list]:
+  """A param tree's leaves grouped by role (``param_roles``)."""
+  groups: dict[str, list] = {}
   for path, value in traverse_util.flatten_dict(unfreeze(tree)).items():
-    by_role.setdefault(param_role(path), []).append(value)
-  return {f"{prefix}/{role}": optax.tree.norm(values) for role, values in by_role.items()}
+    groups.setdefault(param_role(path), []).append(value)
+  return groups
+
+
+def role_sizes(tree) -> dict[str, int]:
+  """Number of params per role."""
+  return {role: sum(int(leaf.size) for leaf in leaves)
+          for role, leaves in leaves_by_role(tree).items()}
 
 
 @dataclasses.dataclass
@@ -159,16 +171,40 @@ class Trainer:
     self.trainable_shardings, self.frozen_shardings = (
         (shardings, {}) if config.train_backbone else split_params(shardings))
     self._steps: dict[tuple, Steps] = {}
+    self._described = False
 
   def steps(self, trainable) -> Steps:
-    """The jitted init and step for trained params shaped like ``trainable``."""
+    """The jitted init and step for trained params shaped like ``trainable``; the step's compile
+    for each batch shape is announced with its time."""
     shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
     leaves, treedef = jax.tree_util.tree_flatten(shapes)
     key = (treedef, tuple(leaves))
     if key not in self._steps:
-      self._steps[key] = build_steps(self.model, self.config, self.mesh, shapes,
-                                     self.trainable_shardings, self.frozen_shardings)
+      steps = build_steps(self.model, self.config, self.mesh, shapes, self.trainable_shardings,
+                          self.frozen_shardings)
+      batch_shapes = lambda state, frozen, batch: {k: v.shape for k, v in batch.items()}
+      self._steps[key] = dataclasses.replace(
+          steps, step=console.timed_compiles(steps.step, "compiling the train step", batch_shapes))
     return self._steps[key]
+
+  def _announce(self, description: str, trainable, frozen, model_dir: str, start: int,
+                steps: int) -> None:
+    """The run's start: devices, mesh, model and trained params by role the first time this
+    trainer runs (its later runs share them), then where this run is and writes."""
+    if not self._described:
+      self._described = True
+      devices = self.mesh.devices
+      console.say(
+          f"{description}: {devices.size} {devices.flat[0].platform} device(s) in"
+          f" {jax.process_count()} process(es), mesh {dict(self.mesh.shape)}")
+      console.say(f"{description}: {describe(self.model.config)}")
+      by_role = role_sizes(trainable)
+      roles = ", ".join(f"{role} {size:,}" for role, size in by_role.items())
+      console.say(f"{description}: trained params {sum(by_role.values()):,} ({roles}); frozen"
+                  f" {sum(role_sizes(frozen).values()):,}")
+    position = f"resuming at step {start}" if start else "from step 0"
+    console.say(f"{description}: {steps} steps, batch {self.config.batch_size}, {position};"
+                f" writes {paths.resolve(model_dir)}")
 
   def fit(self, params, batches: Callable[[int], Iterator[dict]], model_dir: str, meta: dict,
           seed: int | None = None, description: str = "train") -> TrainResult:
@@ -190,6 +226,7 @@ class Trainer:
           checkpoints.abstract(state), meta,
           config.new_schedule)
       paths.write_json(os.path.join(model_dir, IDENTITY_FILE), meta)  # only once it is agreed
+      self._announce(description, trainable, frozen, model_dir, start, config.steps)
       with contextlib.closing(mngr):
         state = restored if restored is not None else state
         state, history = _loop(state, frozen, steps.step, batches(start), self.mesh, start,

@@ -1,6 +1,7 @@
 """The T5X-style commands on the embedded suite, at toy sizes: train -> adapt -> eval -> sweep."""
 import json
 import logging
+import re
 
 import pytest
 
@@ -16,12 +17,13 @@ def backbone(tiny_backbone_dir):
   return tiny_backbone_dir
 
 
-def test_pretrain_adapt_eval_commands(backbone, tmp_path):
+def test_pretrain_adapt_eval_commands(backbone, tmp_path, capsys):
   common = [DATA, f"--model_dir={tmp_path}", f"--gin.BACKBONE_DIR='{backbone}'"]
   assert cli.main(["train", "--gin_file=adapters/tensorpoly_i.gin", "--gin_file=runs/pretrain.gin",
                    *common, "--gin.TRAIN_STEPS=4", "--gin.LORA_RANK=2", "--gin.TENSOR_RANK=3",
-                   "--gin.BATCH_SIZE=8"]) == 0
+                   "--gin.BATCH_SIZE=8", "--gin.TrainConfig.log_every=2"]) == 0
   assert (tmp_path / "adapter" / "adapter.safetensors").exists()
+  _check_training_log(capsys.readouterr().out, tmp_path)
   assert cli.main(["adapt", "--gin_file=runs/adapt.gin", *common,
                    f"--gin.ADAPTER_DIR='{tmp_path / 'adapter'}'", "--gin.ADAPT_STEPS=2",
                    "--gin.HELDOUT=['embedded__yew']", "--gin.NUM_SHOTS=8", "--gin.SEEDS=(1,)",
@@ -29,6 +31,12 @@ def test_pretrain_adapt_eval_commands(backbone, tmp_path):
   results = json.loads((tmp_path / "adapt_results.json").read_text())
   assert results["accuracy"].keys() == {"embedded__yew"}
   assert results["accuracy"]["embedded__yew"].keys() == {"1"}
+  out = capsys.readouterr().out
+  assert "adapt run 1/1: embedded__yew, seed 1, k=8\n" in out
+  split = results["split"]
+  assert (f"adapt run 1/1: embedded__yew, seed 1: accuracy"
+          f" {results['accuracy']['embedded__yew']['1']:.4f} on {split}\n") in out
+  assert f"eval embedded__yew ({split}): example " in out
   import tensorflow as tf
 
   run = tmp_path / "adapt" / "embedded__yew_seed1"
@@ -42,11 +50,42 @@ def test_pretrain_adapt_eval_commands(backbone, tmp_path):
                    f"--gin.ADAPTER_DIR='{adapted}'"]) == 0
   evaluated = json.loads((tmp_path / "eval_results.json").read_text())["accuracy"]
   assert evaluated["embedded__yew"] == pytest.approx(results["accuracy"]["embedded__yew"]["1"])
+  assert f"eval embedded__yew: accuracy {evaluated['embedded__yew']:.4f} on {split}" in (
+      capsys.readouterr().out)
   # The adapted TensorPoly-I export goes to PEFT as the LoRA its task's routing builds.
   assert cli.main(["export", "--format=peft", f"--adapter_dir={adapted}",
                    f"--output_dir={tmp_path / 'peft'}"]) == 0
   peft_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
   assert peft_config["peft_type"] == "LORA" and peft_config["r"] == 2
+
+
+def _check_training_log(out: str, model_dir) -> None:
+  """Captured stdout is not a terminal: the run explains itself in plain lines, no bar redraws."""
+  import jax
+  from safetensors.numpy import load_file
+
+  assert "\r" not in out
+  lines = [line.split(" ", 2)[2] for line in out.splitlines()]  # less the absl-style stamp
+  devices = jax.device_count()
+  assert (f"pretrain tensorpoly_i: {devices} cpu device(s) in 1 process(es), mesh"
+          f" {{'data': {devices}, 'model': 1}}") in lines
+  assert any(line.startswith("pretrain tensorpoly_i: T5 2+2 layers, d_model 64") and
+             "adapter tensorpoly_i(lora_rank=2" in line for line in lines)
+  exported = load_file(model_dir / "adapter" / "adapter.safetensors")
+  trained = next(line for line in lines if line.startswith("pretrain tensorpoly_i: trained params"))
+  assert f"trained params {sum(v.size for v in exported.values()):,} (" in trained
+  routers = sum(v.size for k, v in exported.items() if k.endswith("skill_logits"))
+  assert f"router {routers:,}" in trained
+  assert (f"pretrain tensorpoly_i: 4 steps, batch 8, from step 0; writes"
+          f" {model_dir / 'run'}") in lines
+  compiles = [line for line in lines if line.startswith("compiling the train step for ")]
+  assert len(compiles) == 2 and compiles[0].endswith("...")  # one batch shape: one compile
+  assert re.fullmatch(re.escape(compiles[0][:-3]) + r": done in \d+\.\d s", compiles[1])
+  assert "encoder_input_tokens 8x" in compiles[0]
+  steps = [line for line in lines if line.startswith("pretrain tensorpoly_i: step ")]
+  assert [line.split(",")[0] for line in steps] == [
+      "pretrain tensorpoly_i: step 2/4", "pretrain tensorpoly_i: step 4/4"]
+  assert "loss " in steps[0] and "ETA " in steps[0] and "ETA" not in steps[1]
 
 
 def test_heldout_names_expand_mixtures_into_their_tasks_once_each():

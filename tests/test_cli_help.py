@@ -8,6 +8,7 @@ import os
 import re
 import shlex
 import sys
+from pathlib import Path
 
 import gin
 import pytest
@@ -28,8 +29,7 @@ def clean_gin():
 
 
 def _subcommands() -> dict[str, argparse.ArgumentParser]:
-  parser = cli.build_parser()
-  return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+  return cli.subcommands(cli.build_parser())
 
 
 def _console(monkeypatch, *argv) -> int:
@@ -171,3 +171,12 @@ def test_unknown_flags_are_refused_by_name(capsys, argv, named):
   assert exited.value.code == 2
   assert (f"tensorpoly: error: {argv[0]}: unrecognized arguments: {named}"
           f" (`tensorpoly {argv[0]} --help` lists its flags)") in capsys.readouterr().err
+
+
+def test_the_generated_reference_page_is_what_the_code_prints():
+  from tensorpoly_jax import cli_docs
+
+  page = (Path(__file__).parents[1] / "docs" / "reference" / "commands.md").read_text()
+  assert page == cli_docs.page(), (
+      "docs/reference/commands.md is stale: python -m tensorpoly_jax.cli_docs"
+      " docs/reference/commands.md")

@@ -158,3 +158,31 @@ def test_adapters_of_other_base_models_are_refused(converted, tmp_path):
     peft_bridge.from_peft({**plain, "use_dora": True}, tensors, config)
   with pytest.raises(peft_bridge.PeftFormatError, match="'IA3'"):
     peft_bridge.from_peft({**plain, "peft_type": "IA3"}, tensors, config)
+
+
+def test_an_adapter_of_another_same_shaped_model_is_refused_by_name(converted, tmp_path):
+  """T0 and the T5 it started from have the same shapes: the import compares the adapter's
+  base_model_name_or_path with what `tensorpoly convert` read (a hub id and a local copy agree)."""
+  import json
+
+  hf, _, _ = converted
+  assert cli.main(["convert", f"--checkpoint_dir={tmp_path / 'hf'}/",
+                   f"--output_dir={tmp_path / 'from_hf'}"]) == 0
+  assert convert.stored_source(str(tmp_path / "from_hf")) == f"{tmp_path / 'hf'}/"
+  peft_adapter(hf, peft.LoraConfig(r=2, target_modules=["q"])).save_pretrained(
+      str(tmp_path / "peft"))
+  config_path = tmp_path / "peft" / peft_bridge.PEFT_CONFIG
+  argv = ["import", "--format=peft", f"--peft_dir={tmp_path}/peft",
+          f"--backbone_dir={tmp_path}/from_hf", f"--output_dir={tmp_path}/imported"]
+  for base_model, accepted in (("bigscience/T0_3B", False), ("someone/HF", True)):
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()),
+                                       "base_model_name_or_path": base_model}))
+    if accepted:
+      assert cli.main(argv) == 0
+      _, meta = checkpoints.load_adapter(str(tmp_path / "imported"))
+      assert meta["backbone"] == convert.stored_fingerprint(str(tmp_path / "from_hf")) is not None
+      continue
+    with pytest.raises(peft_bridge.PeftFormatError,
+                       match=rf"trained on 'bigscience/T0_3B'.*converted from '{tmp_path}/hf/'"):
+      cli.main(argv)
+    assert cli.main([*argv, "--skip_base_model_check"]) == 0

@@ -372,14 +372,15 @@ def test_adapt_keeps_every_finished_run_and_redoes_only_the_failed_ones(tmp_path
   ran, fail = [], {("embedded__yew", 1): OSError("disk full"),
                    ("embedded__rowan", 0): trainer.TrainingDiverged("loss became nan at step 2")}
 
-  def adapt(model_dir, backbone, pretrained, task, k, seed):
+  def adapt(model_dir, backbone, pretrained, task, k, seed, choice_width):
     ran.append((task, seed))
     if (task, seed) in fail:
       raise fail[task, seed]
 
   monkeypatch.setattr(pipeline, "load_backbone", lambda *args: backbone)
   monkeypatch.setattr(pipeline, "adapt", adapt)
-  monkeypatch.setattr(pipeline, "evaluate_task", lambda *args: 0.5 + args[-1] / 10)  # by seed
+  monkeypatch.setattr(pipeline, "evaluate_task",
+                      lambda *args, choice_width: 0.5 + args[-1] / 10)  # by seed
   monkeypatch.setattr(metrics, "write_eval", lambda *args: None)
   heldout = ["embedded__yew", "embedded__rowan"]
   run = lambda shots=8: commands.adapt(str(tmp_path), "backbone", adapter_dir, heldout,

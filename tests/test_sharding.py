@@ -10,7 +10,7 @@ from tensorpoly_jax.adapters import PolyConfig
 from tensorpoly_jax.t5.layers import DenseGeneral
 from tests.small_adapters import small_adapter
 
-pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+pytestmark = pytest.mark.eight_devices
 
 
 def loss_fn(layer, params, x, task_ids):

@@ -157,6 +157,7 @@ def mesh_of_4x2_partitioner():
   return MeshOf4x2
 
 
+@pytest.mark.eight_devices
 def test_t5x_trainer_on_a_4x2_mesh_trains_adapters_only(bridge):
   """The shipped model gin, T5X's PjitPartitioner (data 4 x model 2) and Trainer: the backbone
   comes out bit-identical, every adapter side moves."""
@@ -214,6 +215,7 @@ def test_rules_cover_every_adapter_axis(bridge, method):
 
 
 @pytest.mark.slow
+@pytest.mark.eight_devices  # the backbone checkpoint is written from a 4x2 mesh
 def test_t5x_train_adapts_a_t5x_backbone_checkpoint(bridge, tmp_path):
   """``python -m t5x.train`` with the shipped model, run and data files at the tiny preset,
   restoring a backbone-only T5X checkpoint written from a converted backbone: adapters start from

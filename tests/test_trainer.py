@@ -3,6 +3,7 @@ import dataclasses
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -48,8 +49,7 @@ def pretrain(model_dir, backbone_dir, config, adapter=None):
                                     config)
 
 
-@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
-@pytest.mark.slow
+@pytest.mark.eight_devices
 def test_mesh_4x2_matches_one_device(backbone_dir, tmp_path):
   adapter = MHRConfig(lora_rank=2, n_skills=4, n_splits=2)
   one, _ = pretrain(tmp_path / "one", backbone_dir, small_train(num_devices=1), adapter)
@@ -244,6 +244,28 @@ def test_tfew_losses_match_numpy_loops():
   np.testing.assert_allclose(got["mc"], np.mean(mc_terms), rtol=1e-5)
 
 
+def test_choices_padded_wider_change_no_loss_and_no_score(backbone_dir):
+  """A run pads every task's choices to its widest task's (one compile for all): the added absent
+  choices move no loss and no present choice's score."""
+  from tensorpoly_jax.data import choices
+
+  config, params = convert.load_converted(backbone_dir)
+  seq2seq = Seq2SeqModel(EncoderDecoder(config))
+  arrays = choices.choice_arrays("embedded__yew", "train", 48, 24)
+  assert arrays["choice_tokens"].shape[1] == 2
+  narrow = {k: arrays[k][:8] for k in batches.CHOICE_KEYS}
+  wide = {k: choices.pad_choices(arrays, 4)[k][:8] for k in batches.CHOICE_KEYS}
+  assert wide["choice_tokens"].shape == (8, 4, 24) and not wide["choice_tokens"][:, 2:].any()
+  assert choices.pad_choices(arrays, 2) is arrays and choices.pad_choices(arrays, None) is arrays
+  loss = lambda batch: seq2seq.tfew_loss(params, batch, None)[1]
+  for name, value in loss(narrow).items():
+    np.testing.assert_allclose(loss(wide)[name], value, rtol=1e-6, err_msg=name)
+  scores = seq2seq.score_choices(params, wide["encoder_input_tokens"], wide["choice_tokens"])
+  np.testing.assert_allclose(scores[:, :2], seq2seq.score_choices(
+      params, narrow["encoder_input_tokens"], narrow["choice_tokens"]), rtol=1e-6)
+  assert np.isneginf(scores[:, 2:]).all()
+
+
 def test_param_roles_pick_the_optimizer_groups_and_their_rates():
   from tensorpoly_jax.param_roles import ROLES, param_role
 
@@ -284,17 +306,25 @@ def test_misspelled_gin_binding_fails_before_any_work(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_quick_end_to_end_and_again_in_a_fresh_process(tmp_path):
-  """`tensorpoly demo --quick` (runs/demo_quick.gin) writes the evaluation and its report; the
-  same command in a fresh process exports bit-identical adapters for every method, task and seed
-  and prints the same table, so a change in the demo's table is a change in the code. (A routed
-  adapter's new task used to get router rows in the order safetensors handed the export back.)"""
+def test_demo_quick_end_to_end_then_resumed_in_a_fresh_process(tmp_path, capsys):
+  """`tensorpoly demo --quick` (runs/demo_quick.gin) writes the evaluation and its report. The same
+  command again, in a fresh process and the same folder, resumes: finished stages are read, not
+  rerun; one adaptation run whose folder was removed is redone bit for bit (a routed adapter's new
+  task used to get router rows in the order safetensors handed the export back, which differed
+  between processes); and it prints the same table, its stages numbered, in plain lines."""
   from tensorpoly_jax import cli as cli_module, demo, reporting
 
-  assert cli_module.main(["demo", "--quick", f"--model_dir={tmp_path / 'first'}"]) == 0
+  folder = tmp_path / "demo"
+  assert cli_module.main(["demo", "--quick", f"--model_dir={folder}"]) == 0
+  compiles = [line for line in capsys.readouterr().out.splitlines()
+              if " compiling the " in line and line.endswith("...")]
   quick = cli_module.demo_config(cli_module.DEMO_QUICK_GIN)
-  evaluation = json.load(open(tmp_path / "first" / demo.EVALUATION_FILE))
-  report = json.load(open(tmp_path / "first" / "report.json"))
+  # The held-out tasks have 2 to 4 choices, padded to 4: one train step per stage (the backbone,
+  # each method's pretraining and its adaptation) and one scorer per model compile.
+  assert sum(" the train step " in line for line in compiles) == 1 + 2 * len(quick.methods)
+  assert sum(" the scorer " in line for line in compiles) == 1 + len(quick.methods)
+  evaluation = json.load(open(folder / demo.EVALUATION_FILE))
+  report = json.load(open(folder / "report.json"))
   assert report == json.loads(json.dumps(reporting.table(evaluation)))
   assert evaluation["config"]["eval_split"] == "test"
   assert evaluation["config"] == json.loads(json.dumps(quick.to_dict()))
@@ -305,18 +335,27 @@ def test_demo_quick_end_to_end_and_again_in_a_fresh_process(tmp_path):
     assert len(accuracies) == len(embedded.HELDOUT_TASKS)
     assert all(len(seeds) == len(quick.seeds) for seeds in accuracies.values())
     assert all(0.0 <= a <= 1.0 for seeds in accuracies.values() for a in seeds.values())
-  assert (tmp_path / "first" / "report.png").stat().st_size > 1000
+  assert (folder / "report.png").stat().st_size > 1000
+  results = sorted(folder.glob("*/adapt/*/result.json"))
+  assert len(results) == len(quick.methods) * len(embedded.HELDOUT_TASKS) * len(quick.seeds)
+  task = sorted(embedded.HELDOUT_TASKS)[0]
+  redo = folder / "tensorpoly_i" / "adapt" / f"embedded__{task}_seed{quick.seeds[-1]}"
+  adapted = load_file(redo / "adapter" / checkpoints.ADAPTER_FILE)
+  shutil.rmtree(redo)
+  written = {path: path.stat().st_mtime_ns for path in results if redo not in path.parents}
+
   again = subprocess.run([sys.executable, "-m", "tensorpoly_jax", "demo", "--quick",
-                          f"--model_dir={tmp_path / 'again'}"], capture_output=True, text=True,
-                         timeout=900)
+                          f"--model_dir={folder}"], capture_output=True, text=True, timeout=900)
   assert again.returncode == 0, again.stderr[-3000:]
-  assert json.load(open(tmp_path / "again" / demo.EVALUATION_FILE))["results"] == evaluation[
-      "results"]
+  assert json.load(open(folder / demo.EVALUATION_FILE))["results"] == evaluation["results"]
   assert reporting.format_table(reporting.table(evaluation)) in again.stdout
-  exports = sorted(p.relative_to(tmp_path / "first")
-                   for p in (tmp_path / "first").glob("*/adapt/*/adapter/*.safetensors"))
-  assert len(exports) == len(quick.methods) * len(embedded.HELDOUT_TASKS) * len(quick.seeds)
-  for export in exports:
-    first, second = load_file(tmp_path / "first" / export), load_file(tmp_path / "again" / export)
-    assert first.keys() == second.keys()
-    assert all(np.array_equal(first[k], second[k]) for k in first), export
+  redone = load_file(redo / "adapter" / checkpoints.ADAPTER_FILE)
+  assert redone.keys() == adapted.keys()
+  assert all(np.array_equal(redone[k], adapted[k]) for k in adapted)
+  assert {path: path.stat().st_mtime_ns for path in written} == written  # read, not rerun
+  lines = [line.split(" ", 2)[-1] for line in again.stdout.splitlines()]
+  stages = [line for line in lines if line.startswith("demo stage ")]
+  assert [line.split(":")[0] for line in stages] == [f"demo stage {i}/5" for i in range(1, 6)]
+  trained = {line.split(": step ")[0] for line in lines if ": step " in line}
+  assert trained == {f"adapt embedded__{task} s{quick.seeds[-1]}"}  # nothing else trains again
+  assert "\r" not in again.stdout

@@ -41,6 +41,26 @@ def evaluation_arrays(task_name: str, split: str, inputs_length: int, targets_le
   return one_row_per_example(choice_arrays(task_name, split, inputs_length, targets_length), seed)
 
 
+def choice_width(task_names: Sequence[str], split: str, inputs_length: int,
+                 targets_length: int) -> int:
+  """The widest choice axis among the tasks' ``split`` arrays: the width a run over several tasks
+  pads them all to (``pad_choices``)."""
+  return max(choice_arrays(task, split, inputs_length, targets_length)["choice_tokens"].shape[1]
+             for task in task_names)
+
+
+def pad_choices(arrays: dict, width: int | None) -> dict:
+  """``arrays`` with absent choices appended up to ``width`` (None, or already as wide: as they
+  are), so that the tasks of one run share a batch shape and their train step and scorer compile
+  once. An absent choice is all padding: no loss term and no prediction reads it."""
+  tokens = arrays["choice_tokens"]
+  if width is None or tokens.shape[1] >= width:
+    return arrays
+  padded = np.zeros((tokens.shape[0], width, tokens.shape[2]), tokens.dtype)
+  padded[:, :tokens.shape[1]] = tokens
+  return {**arrays, "choice_tokens": padded}
+
+
 def one_row_per_example(arrays: dict, seed: int) -> dict:
   """Keeps one row of each example: row ``floor(u·m)`` of its ``m``, ``u`` the example's uniform
   draw with ``seed`` (the only draw, so an example with one row keeps it whatever the seed)."""

@@ -226,11 +226,13 @@ def load_hf_checkpoint(checkpoint_dir: str, allow_pickle: bool = False,
 CONVERTED_CONFIG = "t5_config.json"
 CONVERTED_PARAMS = "params"
 CONVERTED_FINGERPRINT = "fingerprint.txt"  # the params' content (tensorpoly_jax.fingerprint)
+CONVERTED_SOURCE = "source.txt"  # the checkpoint folder or hub id it was converted from
 
 
-def save_converted(output_dir: str, config: T5Config, params) -> None:
-  """Writes the backbone as an orbax checkpoint plus its T5Config (JSON) for the trainer, and its
-  content fingerprint, which every run and adapter export on it records.
+def save_converted(output_dir: str, config: T5Config, params, source: str | None = None) -> None:
+  """Writes the backbone as an orbax checkpoint plus its T5Config (JSON) for the trainer, its
+  content fingerprint, which every run and adapter export on it records, and the ``source`` it
+  was converted from (what a PEFT import compares with the adapter's base model).
 
   In a multi-host run every process calls this (orbax writes each host's shards); process 0
   writes the JSON and the fingerprint."""
@@ -242,6 +244,8 @@ def save_converted(output_dir: str, config: T5Config, params) -> None:
   directory.mkdir(parents=True, exist_ok=True)
   paths.write_json(directory / CONVERTED_CONFIG, config_to_dict(config))
   paths.atomic_write(directory / CONVERTED_FINGERPRINT, fingerprint.params_fingerprint(params))
+  if source is not None:
+    paths.atomic_write(directory / CONVERTED_SOURCE, source)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(directory / CONVERTED_PARAMS, params)
   checkpointer.wait_until_finished()
@@ -261,6 +265,14 @@ def stored_fingerprint(output_dir: str) -> str | None:
   from tensorpoly_jax import paths
 
   path = paths.resolve(output_dir) / CONVERTED_FINGERPRINT
+  return path.read_text().strip() if path.exists() else None
+
+
+def stored_source(output_dir: str) -> str | None:
+  """The checkpoint ``save_converted`` was given as the source (None: trained here, or unknown)."""
+  from tensorpoly_jax import paths
+
+  path = paths.resolve(output_dir) / CONVERTED_SOURCE
   return path.read_text().strip() if path.exists() else None
 
 

@@ -347,6 +347,20 @@ def merge_params(adapter, backbone) -> dict:
 RUN_FIELDS = ("adapter", "dtype", "remat", "dropout_rate")
 
 
+def describe(config: T5Config) -> str:
+  """One line for a run's start: sizes, compute, layout, and the adapter's settings."""
+  layout = ", scanned" if config.scan_layers else ""
+  remat = "" if config.remat == "none" else f", remat {config.remat}"
+  line = (f"T5 {config.num_encoder_layers}+{config.num_decoder_layers} layers, d_model"
+          f" {config.emb_dim}, {config.num_heads} heads x {config.head_dim}, mlp {config.mlp_dim},"
+          f" vocab {config.vocab_size}, {jnp.dtype(config.dtype).name}{layout}{remat}")
+  if config.adapter is None:
+    return line
+  fields = {k: v for k, v in config.adapter.to_dict().items() if k not in ("method", "targets")}
+  settings = ", ".join(f"{k}={v}" for k, v in fields.items())
+  return f"{line}; adapter {config.adapter.method}({settings}) on {config.adapter.targets!r}"
+
+
 def config_to_dict(config: T5Config) -> dict:
   """The architecture fields of a config as JSON values (``scan_layers`` included: it is the
   params' layout)."""
