@@ -9,7 +9,7 @@ import contextlib
 import os
 import sys
 
-from tensorpoly_jax import cli, cli_reference
+from tensorpoly_jax import cli, cli_reference, paths
 
 HELP_COLUMNS = "100"  # argparse wraps help to the terminal; the page must not depend on one
 HEADER = """\
@@ -75,5 +75,4 @@ def _gin_files() -> list[str]:
 
 
 if __name__ == "__main__":
-  with open(sys.argv[1], "w", encoding="utf-8") as out:
-    out.write(page())
+  paths.atomic_write(sys.argv[1], page())

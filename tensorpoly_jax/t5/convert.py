@@ -262,17 +262,18 @@ def has_converted(output_dir: str) -> bool:
 
 def stored_fingerprint(output_dir: str) -> str | None:
   """The fingerprint ``save_converted`` wrote (None for a folder written before it did)."""
-  from tensorpoly_jax import paths
-
-  path = paths.resolve(output_dir) / CONVERTED_FINGERPRINT
-  return path.read_text().strip() if path.exists() else None
+  return _stored_text(output_dir, CONVERTED_FINGERPRINT)
 
 
 def stored_source(output_dir: str) -> str | None:
   """The checkpoint ``save_converted`` was given as the source (None: trained here, or unknown)."""
+  return _stored_text(output_dir, CONVERTED_SOURCE)
+
+
+def _stored_text(output_dir: str, name: str) -> str | None:
   from tensorpoly_jax import paths
 
-  path = paths.resolve(output_dir) / CONVERTED_SOURCE
+  path = paths.resolve(output_dir) / name
   return path.read_text().strip() if path.exists() else None
 
 
