@@ -25,6 +25,8 @@ if _CACHE_OWNER:
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
+BACKBONE_FROM_PARENT = "TENSORPOLY_TEST_TINY_BACKBONE_DIR"
+
 # The longest tests, longest first (docs/results/test-suite.md has their times).
 LONGEST = ("test_the_eight_device_tests_pass_on_eight_devices",
            "test_demo_quick_end_to_end_then_resumed_in_a_fresh_process",
@@ -66,11 +68,14 @@ def tiny_backbone_train():
 @pytest.fixture(scope="session")
 def tiny_backbone_dir(tmp_path_factory, tiny_backbone_train):
   """A tiny T5 trained 10 steps on the small embedded suite the pipeline tests register
-  (``embedded.Sizes(20, 2, 24, 12)``): the backbone they adapt, built once per xdist worker."""
+  (``embedded.Sizes(20, 2, 24, 12)``): the backbone they adapt, built once per xdist worker; a
+  pytest process started by a test (tests/test_eight_devices.py) reads its parent's."""
   from tensorpoly_jax import pipeline
   from tensorpoly_jax.data import embedded, tasks
   from tensorpoly_jax.t5.model import preset
 
   tasks.register_embedded(0, embedded.Sizes(20, 2, 24, 12))
+  if BACKBONE_FROM_PARENT in os.environ:
+    return os.environ[BACKBONE_FROM_PARENT]
   return pipeline.train_backbone(str(tmp_path_factory.mktemp("backbone")), preset("tiny"),
                                  tasks.EMBEDDED_TRAIN, tiny_backbone_train)

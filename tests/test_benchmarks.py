@@ -1,27 +1,31 @@
 """The benchmark scripts run end to end at their --quick size and write the JSON they describe
-(smoke tests: no timing is asserted)."""
+(smoke tests: no timing is asserted). They run in the test's process, as ``__main__``: a fresh
+interpreter would add its imports to each."""
 import importlib.util
 import json
 import os
-import subprocess
+import runpy
 import sys
 
 import pytest
 
 pytestmark = pytest.mark.slow
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 
-def _run(script, output, *args):
-  done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--quick",
-                         "--output", str(output), *args], capture_output=True, text=True,
-                        timeout=600, env={**os.environ, "XLA_FLAGS": ""})
-  assert done.returncode == 0, done.stderr[-3000:]
-  return json.loads(output.read_text()), done.stdout
+@pytest.fixture
+def run_benchmark(monkeypatch, capsys):
+  def run(script, output, *args):
+    monkeypatch.setattr(sys, "argv", [script, "--quick", "--output", str(output), *args])
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts benchmarks/ first
+    runpy.run_path(os.path.join(BENCHMARKS, script), run_name="__main__")
+    return json.loads(output.read_text()), capsys.readouterr().out
+
+  return run
 
 
-def test_train_step_against_frozen_and_peft(tmp_path):
-  result, stdout = _run("train_step.py", tmp_path / "train_step.json", "--methods", "poly")
+def test_train_step_against_frozen_and_peft(run_benchmark, tmp_path):
+  result, stdout = run_benchmark("train_step.py", tmp_path / "train_step.json", "--methods", "poly")
   rows = {(r["framework"], r["method"]): r for r in result["rows"]}
   assert set(rows) == {("ours", "frozen"), ("ours", "poly"), ("peft", "frozen"), ("peft", "poly")}
   assert rows["ours", "frozen"]["x_frozen"] == 1.0
@@ -36,22 +40,32 @@ def test_train_step_against_frozen_and_peft(tmp_path):
   assert "x frozen" in stdout and "ours/PEFT" in stdout
 
 
-def test_eval_throughput_and_cost_growth(tmp_path):
-  result, stdout = _run("eval_throughput.py", tmp_path / "eval.json")
+def test_eval_throughput_cost_growth_and_adapter_layer(run_benchmark, tmp_path):
+  result, stdout = run_benchmark("eval_throughput.py", tmp_path / "eval.json")
   assert [r["scorer"].split()[0] for r in result["rows"]] == ["naive", "evaluator"]
   assert "scores checked equal" in stdout
-  result, _ = _run("cost_growth.py", tmp_path / "growth.json")
+  result, _ = run_benchmark("cost_growth.py", tmp_path / "growth.json")
   assert [r["value"] for r in result["rows"]] == [2, 4]
   assert (tmp_path / "growth.png").exists()
-  result, _ = _run("adapter_layer.py", tmp_path / "layer.json")
-  assert set(result["rows"]) == {"frozen", "lora", "tlora", "poly", "mhr", "tensorpoly_i",
-                                 "tensorpoly_ii"}
+  payload, _ = run_benchmark("adapter_layer.py", tmp_path / "layer.json")
+  rows, size = payload["rows"], payload["size"]
+  assert set(rows) == {"frozen", "lora", "tlora", "poly", "mhr", "tensorpoly_i", "tensorpoly_ii"}
+  spec = importlib.util.spec_from_file_location("adapter_layer",
+                                                os.path.join(BENCHMARKS, "adapter_layer.py"))
+  adapter_layer = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(adapter_layer)  # the configs it measured
+  for name, row in rows.items():
+    assert row["seconds"] > 0
+    assert row["ratio"] == pytest.approx(row["seconds"] / rows["frozen"]["seconds"])
+    if name != "frozen":  # the params of the layer it timed
+      config = adapter_layer.METHODS[name].with_tasks(size["n_tasks"])
+      assert row["adapter_params"] == config.param_count(size["d_in"], size["d_out"])["total"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="needs libtpu (pip install 'tensorpoly-jax[tpu]'; .ci/run installs it)")
-def test_compile_benchmark_compares_scanned_with_per_layer(tmp_path):
-  result, stdout = _run("compile.py", tmp_path / "compile.json", "--methods", "lora")
+def test_compile_benchmark_compares_scanned_with_per_layer(run_benchmark, tmp_path):
+  result, stdout = run_benchmark("compile.py", tmp_path / "compile.json", "--methods", "lora")
   rows = {(r["depth"], r["scan"]): r for r in result["rows"]}
   assert set(rows) == {(1, False), (2, True), (1, True)}  # no per-layer run at the deepest
   for (depth, scan), row in rows.items():
@@ -62,8 +76,8 @@ def test_compile_benchmark_compares_scanned_with_per_layer(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="needs libtpu (pip install 'tensorpoly-jax[tpu]'; .ci/run installs it)")
-def test_t0_memory_table_against_a_float32_backbone(tmp_path):
-  result, stdout = _run("t0_memory.py", tmp_path / "t0.json")
+def test_t0_memory_table_against_a_float32_backbone(run_benchmark, tmp_path):
+  result, stdout = run_benchmark("t0_memory.py", tmp_path / "t0.json")
   baseline, evaluation = result["rows"]
   assert (baseline["param_dtype"], baseline["stage"], baseline["x_f32_baseline"]) == (
       "float32", "pretrain", 1.0)

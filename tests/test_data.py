@@ -251,6 +251,26 @@ def test_mixture_shards_draw_only_from_their_task_shards(two_tasks):
   assert not inputs("test_ab", 0) & inputs("test_ab", 1)
 
 
+def test_cached_tokenization_leaves_the_mixture_stream_unchanged(two_tasks):
+  """Our tasks cache their tokenized rows before seqio repeats and shuffles them: the same
+  examples in the same order as a plain seqio task over the same source (several epochs fit in
+  seqio's shuffle buffer of 1000)."""
+  plain = ["test_a_plain", "test_b_plain"]
+  for name, cached_name in zip(plain, ("test_a", "test_b")):
+    seqio.TaskRegistry.add(name, tasks.examples_source(tasks.task_info(cached_name)),
+                           output_features=tasks.output_features(two_tasks),
+                           preprocessors=[seqio.preprocessors.tokenize,
+                                          seqio.preprocessors.append_eos])
+  assert not seqio.get_mixture_or_task(plain[0]).supports_caching
+  tasks.add_mixture("test_ab_plain", [(plain[0], 3.0), (plain[1], 1.0)])
+  stream = lambda name: next(tasks.get_dataset(name, 16, 8, seed=3, num_epochs=None)
+                             .batch(3000).as_numpy_iterator())
+  cached, uncached = stream("test_ab"), stream("test_ab_plain")
+  assert cached.keys() == uncached.keys()
+  for key in cached:
+    np.testing.assert_array_equal(cached[key], uncached[key], err_msg=key)
+
+
 def test_unknown_name_lists_close_names(two_tasks):
   with pytest.raises(ValueError, match=r"unknown seqio task or mixture 'test_aa'.*'test_a'"):
     tasks.get_task_or_mixture("test_aa")

@@ -16,6 +16,7 @@ from tensorpoly_jax import cli, distributed, pipeline
 from tensorpoly_jax.data import batches
 from tensorpoly_jax.t5 import convert
 from tensorpoly_jax.t5.model import EncoderDecoder, preset
+from tests import devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCESSES = 2
@@ -57,7 +58,7 @@ def _run_processes(model_dir, backbone_dir, preempted_process=None, after_step=N
   """``tensorpoly train`` as 2 processes x 4 CPU devices (a global mesh of 8); optionally one
   process receives SIGTERM after saving ``after_step``. Returns each process's output."""
   port = _free_port()
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+  env = {**os.environ, "XLA_FLAGS": devices.xla_flags(4),
          "JAX_PLATFORMS": "cpu"}
 
   def command(index):

@@ -497,7 +497,7 @@ def valid_layers(draw):
   return config, d_in, d_out, np.asarray(task_ids, np.int32)
 
 
-@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.settings(max_examples=20, deadline=None)
 @hypothesis.given(layer=valid_layers(), scale=st.floats(-1e3, 1e3))
 def test_valid_adapters_stay_finite_at_any_input_scale(layer, scale):
   config, d_in, d_out, task_ids = layer

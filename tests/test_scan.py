@@ -41,7 +41,7 @@ def _loss_and_grads(model, params, inputs, targets, task_ids):
                          task_ids=task_ids)
     return -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1).mean()
 
-  return jax.value_and_grad(loss)(params)
+  return jax.jit(jax.value_and_grad(loss))(params)  # one compile, not one per eager op
 
 
 @pytest.mark.parametrize("adapter,remat", [(ADAPTERS[0], "none"), (ADAPTERS[1], "full"),
