@@ -18,21 +18,25 @@ from typing import Callable
 
 import gin
 
-from tensorpoly_jax import aot, checkpoints, commands, demo, distributed, paths, run_lock
+from tensorpoly_jax import aot, checkpoints, commands, decoding, demo, distributed, paths, run_lock
 from tensorpoly_jax import cli_reference as reference
 from tensorpoly_jax import configurables  # noqa: F401 (registers the configs' gin names)
+from tensorpoly_jax import merge as merging
 from tensorpoly_jax.cli_reference import CONFIGS
 from tensorpoly_jax.data import embedded, sources, t0
 
 # gin wraps the functions: the CLI calls these wrapped versions, which read the bindings.
 CONFIGURED = {fn.__name__: gin.external_configurable(fn, module="tensorpoly_jax")
               for fn in (commands.data_setup, commands.train, commands.adapt, commands.evaluate,
-                         commands.model_config, commands.pipeline_run, commands.compile_step)}
+                         commands.model_config, commands.pipeline_run, commands.compile_step,
+                         commands.infer)}
+gin.external_configurable(decoding.DecodeConfig, module="tensorpoly_jax")  # runs/infer.gin
 CONFIGURED["demo"] = gin.external_configurable(demo.run, "demo", module="tensorpoly_jax")
 for _cls in (demo.DemoConfig, demo.Method, embedded.Sizes):  # runs/demo.gin's settings
   gin.external_configurable(_cls, module="tensorpoly_jax")
 gin.external_configurable(t0.Protocol, "T0Protocol", module="tensorpoly_jax")  # runs/data_t0.gin
 DEMO_GIN, DEMO_QUICK_GIN = "runs/demo.gin", "runs/demo_quick.gin"
+INFER_GIN = "runs/infer.gin"
 
 GIN_FLAG = re.compile(r"--gin\.([A-Za-z_][\w./]*)=(.*)", re.S)
 # Refusals a user fixes by changing the command line, the gin files or the data: one line on
@@ -125,6 +129,19 @@ def _export(args) -> int:
 def _import(args) -> int:
   commands.import_peft(args.peft_dir, args.backbone_dir, args.output_dir,
                        not args.skip_base_model_check)
+  return 0
+
+
+def _infer(args) -> int:
+  parse_command_gin(args)
+  CONFIGURED["infer"](backbone_dir=args.backbone_dir, input_file=args.input_file,
+                      output_file=args.output_file, adapter_dir=args.adapter_dir,
+                      vocabulary_dir=args.vocabulary_dir)
+  return 0
+
+
+def _merge(args) -> int:
+  commands.merge(args.backbone_dir, args.adapter_dir, args.output_dir, args.task_id, args.format)
   return 0
 
 
@@ -288,6 +305,23 @@ def build_parser() -> argparse.ArgumentParser:
                      const=(DEMO_QUICK_GIN,), default=(DEMO_GIN,),
                      help=f"the smoke-test size ({DEMO_QUICK_GIN}; minutes)")
   _add_multihost(demo_)
+  infer = add("infer", "generate text (or rank given choices) for a JSONL file of requests, each"
+              " routed by its task", _infer, gin=True)
+  infer.set_defaults(first_gin_files=(INFER_GIN,))
+  infer.add_argument("--backbone_dir", required=True, help="a converted backbone (`tensorpoly"
+                     " convert`, or `tensorpoly merge`)")
+  infer.add_argument("--adapter_dir", default=None,
+                     help="an adapter export, pretrained or adapted (default: the backbone alone)")
+  infer.add_argument("--input_file", required=True, metavar="IN.jsonl",
+                     help="one request per line: \"inputs\" (text) or \"input_ids\", optional"
+                     " \"task\" or \"task_id\", optional \"choices\"")
+  infer.add_argument("--output_file", required=True, metavar="OUT.jsonl",
+                     help="each request plus \"prediction_ids\", \"prediction\" (and"
+                     " \"scores\", \"choice\" for choices), in input order; a rerun resumes it")
+  infer.add_argument("--vocabulary_dir", default=None,
+                     help="a folder with spiece.model for text requests (default: the backbone"
+                     " folder, then the checkpoint it was converted from)")
+  _add_multihost(infer)
   listing = add("list", "what there is to choose from: adapter methods, model presets, a data"
                 " file's tasks, gin files' macros", _list, gin=True)
   listing.add_argument("what", choices=("methods", "presets", "tasks", "macros"),
@@ -340,6 +374,19 @@ def _add_file_commands(add) -> None:
   import_.add_argument("--skip_base_model_check", action="store_true",
                        help="import although the adapter's base_model_name_or_path names another"
                        " model than the backbone was converted from (the same model renamed)")
+  merge = add("merge", "fold one task's adapter into the backbone -> a converted backbone or a"
+              " Hugging Face T5 checkpoint", _merge)
+  merge.add_argument("--backbone_dir", required=True,
+                     help="the converted backbone the adapter was trained on")
+  merge.add_argument("--adapter_dir", required=True, help="a tensorpoly adapter export folder")
+  merge.add_argument("--output_dir", required=True, help="where the merged model goes")
+  merge.add_argument("--task_id", type=int, default=None,
+                     help="the task whose adapter is folded in (default: an adapted export's task;"
+                     " needed for multi-task routed adapters)")
+  merge.add_argument("--format", choices=merging.FORMATS, default="converted",
+                     help="converted: a backbone folder that --backbone_dir and BACKBONE_DIR read;"
+                     " hf: config.json and model.safetensors for T5ForConditionalGeneration"
+                     " (default: %(default)s)")
   add("install-templates", "install the promptsource (P3) templates for the T0 tasks",
       _install_templates)
 

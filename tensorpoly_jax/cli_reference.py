@@ -83,6 +83,13 @@ COMMANDS = {
         "tensorpoly demo --quick --model_dir=runs/demo_quick",
         ("runs/demo.gin", "runs/demo_quick.gin"),
         note="runs/demo.gin (runs/demo_quick.gin with --quick) is read first."),
+    "infer": CommandReference(
+        "tensorpoly infer --backbone_dir=/data/t0_3b --adapter_dir=runs/tp1/adapter \\\n"
+        "  --input_file=requests.jsonl --output_file=answers.jsonl \\\n"
+        "  --gin.DECODING=\"'beam'\" --gin.NUM_BEAMS=4 --gin.MAX_DECODE_LENGTH=32",
+        ("runs/infer.gin",),
+        note="runs/infer.gin is read first. A request line: {\"inputs\": \"...\", \"task\":"
+        " \"super_glue_rte\"};\nwith \"choices\": [...] it is scored by rank classification."),
     "list": CommandReference(
         "tensorpoly list macros --gin_file=runs/data_t0.gin --gin_file=runs/adapt.gin\n"
         "tensorpoly list tasks --gin_file=runs/data_embedded.gin",
@@ -97,6 +104,11 @@ COMMANDS = {
     "import": CommandReference(
         "tensorpoly import --peft_dir=/data/peft_lora --backbone_dir=/data/t0_3b \\\n"
         "  --output_dir=runs/imported_lora"),
+    "merge": CommandReference(
+        "tensorpoly merge --backbone_dir=/data/t0_3b \\\n"
+        "  --adapter_dir=runs/tp1/adapt/embedded__yew_seed0/adapter --output_dir=/data/t0_3b_yew\n"
+        "tensorpoly merge --backbone_dir=/data/t0_3b --adapter_dir=runs/tp1/adapter --task_id=3 \\\n"
+        "  --format=hf --output_dir=/data/hf/t0_3b_task3"),
     "install-templates": CommandReference("tensorpoly install-templates"),
 }
 

@@ -2,19 +2,20 @@
 with gin). Results go to JSON files in the model directory."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
-import jax
 import numpy as np
 
-from tensorpoly_jax import (aot, checkpoints, console, evaluation, partitioning, paths,
-                            peft_bridge, pipeline, records)
+from tensorpoly_jax import (aot, checkpoints, console, decoding, evaluation, inference,
+                            partitioning, paths, peft_bridge, pipeline, records)
+from tensorpoly_jax import merge as merging
 from tensorpoly_jax.data import check, choices, fewshot, tasks
-from tensorpoly_jax.methods import AdapterConfig, from_dict
+from tensorpoly_jax.methods import AdapterConfig
 from tensorpoly_jax.t5 import convert as t5_convert
 from tensorpoly_jax.t5 import layout
-from tensorpoly_jax.t5.model import (EncoderDecoder, RunOptions, T5Config, abstract_variables,
-                                     merge_params, preset, split_params)
+from tensorpoly_jax.t5.model import EncoderDecoder, RunOptions, T5Config, preset
 from tensorpoly_jax.trainer import TrainConfig
 
 SUITES = ("embedded", "t0", "files")
@@ -169,27 +170,56 @@ def evaluate(model_dir: str, backbone_dir: str, heldout, adapter_dir: str | None
   Writes ``model_dir/eval_results.json``."""
   backbone = pipeline.load_backbone(backbone_dir, options or RunOptions(),
                                     partitioning.make_mesh(model_parallel))
-  config, params, task_id = backbone.config, backbone.params, None
-  if adapter_dir is not None:
-    adapter_params, meta = checkpoints.load_adapter(adapter_dir)
-    pipeline.check_backbone(meta, backbone, adapter_dir)
-    config = config.replace(adapter=from_dict(meta["adapter"]))
-    shardings = split_params(partitioning.param_shardings(
-        abstract_variables(EncoderDecoder(config)), backbone.mesh))[0]
-    adapter_params = jax.device_put(layout.to_layout(adapter_params, config.scan_layers), shardings)
-    params, task_id = merge_params(adapter_params, params), meta.get("task_id")
-    seed = meta.get("seed", seed)
+  config, params, meta = pipeline.with_adapter(backbone, adapter_dir)
+  task_id, seed = meta.get("task_id"), meta.get("seed", seed)
   scorer = evaluation.Scorer(EncoderDecoder(config), backbone.mesh, length_normalize)
-  results, names = {}, task_list(heldout)
+  results, predictions, names = {}, [], task_list(heldout)
   width = choices.choice_width(names, split, inputs_length, targets_length)  # one compile
   for task in names:
-    results[task] = pipeline.evaluate_task(scorer, params, task, task_id, inputs_length,
-                                           targets_length, split, batch_size, seed, width)
+    evaluated = pipeline.evaluate_task(scorer, params, task, task_id, inputs_length,
+                                       targets_length, split, batch_size, seed, width)
+    results[task] = evaluated.accuracy
+    predictions += evaluated.lines(task)
     console.say(f"eval {task}: accuracy {results[task]:.4f} on {split}")
+  paths.atomic_write(os.path.join(model_dir, EVAL_PREDICTIONS),
+                     "".join(json.dumps(line) + "\n" for line in predictions))
   paths.write_json(os.path.join(model_dir, "eval_results.json"),
-                   {"split": split, "accuracy": results,
+                   {"split": split, "accuracy": results, "predictions": EVAL_PREDICTIONS,
                     "identity": pipeline.results_identity(backbone, adapter_dir)})
   return results
+
+
+EVAL_PREDICTIONS = "eval_predictions.jsonl"
+
+
+def infer(backbone_dir: str, input_file: str, output_file: str, adapter_dir: str | None = None,
+          vocabulary_dir: str | None = None,
+          decode_config: decoding.DecodeConfig = decoding.DecodeConfig(), batch_size: int = 32,
+          inputs_length: int = 512, length_normalize: bool = True,
+          options: RunOptions | None = None, model_parallel: int = 1) -> int:
+  """Answers the JSONL requests of ``input_file`` into ``output_file`` (``inference``): text
+  generation, or rank classification where a request gives choices, each request routed by its
+  own task. Resumes a partly written ``output_file``. Returns the number answered now."""
+  for name, path in (("--input_file", input_file), ("--backbone_dir", backbone_dir)):
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{name}={path} does not exist.")
+  backbone = pipeline.load_backbone(backbone_dir, options or RunOptions(),
+                                    partitioning.make_mesh(model_parallel))
+  config, params, meta = pipeline.with_adapter(backbone, adapter_dir)
+  routed = config.adapter is not None and config.adapter.routed
+  routing = inference.TaskRouting(meta.get("routing_ids", {}),
+                                  config.adapter.n_tasks if routed else 0, meta.get("task_id"))
+  if vocabulary_dir is not None and not os.path.isfile(
+      os.path.join(vocabulary_dir, t5_convert.VOCABULARY_FILE)):
+    raise FileNotFoundError(f"--vocabulary_dir={vocabulary_dir} has no"
+                            f" {t5_convert.VOCABULARY_FILE}.")
+  vocabulary = inference.find_vocabulary((vocabulary_dir, backbone_dir,
+                                          t5_convert.stored_source(backbone_dir)))
+  server = inference.Server(EncoderDecoder(config), params, backbone.mesh, decode_config,
+                            batch_size, inputs_length, length_normalize)
+  answered = inference.serve_file(server, input_file, output_file, vocabulary, routing)
+  console.say(f"infer: wrote {output_file} ({answered} request(s) answered now)")
+  return answered
 
 
 def convert(checkpoint_dir: str, output_dir: str, dtype: str = "float32",
@@ -206,7 +236,12 @@ def convert(checkpoint_dir: str, output_dir: str, dtype: str = "float32",
   if scan_layers:  # stored as scanned runs read it: no layout change at every load
     config, params = config.replace(scan_layers=True), layout.stack_layers(params)
   t5_convert.save_converted(output_dir, config, params, source=source)
-  print(f"wrote {output_dir} ({t5_convert.CONVERTED_CONFIG}, {t5_convert.CONVERTED_PARAMS}/)")
+  written = [t5_convert.CONVERTED_CONFIG, f"{t5_convert.CONVERTED_PARAMS}/"]
+  vocabulary = os.path.join(checkpoint_dir, t5_convert.VOCABULARY_FILE)
+  if os.path.isfile(vocabulary):  # `tensorpoly infer` encodes text requests with it
+    shutil.copyfile(vocabulary, os.path.join(output_dir, t5_convert.VOCABULARY_FILE))
+    written.append(t5_convert.VOCABULARY_FILE)
+  print(f"wrote {output_dir} ({', '.join(written)})")
 
 
 def export_peft(adapter_dir: str, output_dir: str, task_id: int | None = None,
@@ -221,6 +256,15 @@ def import_peft(peft_dir: str, backbone_dir: str, output_dir: str,
   """A PEFT LoRA / Poly adapter of Hugging Face T5 -> an adapter export for the converted backbone."""
   written = peft_bridge.import_(peft_dir, backbone_dir, output_dir, check_base_model)
   print(f"wrote {written} ({checkpoints.ADAPTER_META}, {checkpoints.ADAPTER_FILE})")
+
+
+def merge(backbone_dir: str, adapter_dir: str, output_dir: str, task_id: int | None = None,
+          output_format: str = "converted") -> None:
+  """One task's adapter folded into the backbone: a converted backbone, or (``hf``) a Hugging
+  Face T5 checkpoint that ``T5ForConditionalGeneration.from_pretrained`` loads."""
+  merged = merging.merge(backbone_dir, adapter_dir, output_dir, task_id, output_format)
+  print(f"wrote {output_dir} ({', '.join(merged.files)}): task {merged.task_id} of {adapter_dir}"
+        f" folded into {backbone_dir}")
 
 
 def compile_step(stage: str, topology: str, model: T5Config, adapter: AdapterConfig | None,

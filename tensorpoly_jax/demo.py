@@ -122,5 +122,6 @@ def _zero_shot(backbone: pipeline.Backbone, heldout, split: str, length):
   scorer = evaluation.Scorer(EncoderDecoder(backbone.config), backbone.mesh)
   width = choices.choice_width(heldout, split, **length)  # one compile for every task
   accuracy = {t: {"-": pipeline.evaluate_task(scorer, backbone.params, t, None, split=split,
-                                              choice_width=width, **length)} for t in heldout}
+                                              choice_width=width, **length).accuracy}
+              for t in heldout}
   return {"accuracy": accuracy, "adaptation_params": 0}

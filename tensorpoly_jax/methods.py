@@ -91,7 +91,7 @@ class AdapterConfig:
 
   def dense_delta(self, inputs, contracted_axes: tuple[int, ...], outputs_shape: tuple[int, ...],
                   kernel_axes: tuple[str, ...] = (), dtype: Any = jnp.float32, task_ids=None,
-                  routing_weights=None, deterministic: bool = True):
+                  routing_weights=None, deterministic: bool = True, decode: bool = False):
     """The adapter's ``delta`` (shaped like the projection's outputs) for a dense projection that
     contracts ``inputs`` over ``contracted_axes``; call it inside that projection's module, where
     it creates the adapter as a submodule named ``adapter``.
@@ -106,7 +106,8 @@ class AdapterConfig:
     d_out = math.prod(outputs_shape[len(kept):])
     in_axis, out_axis = (kernel_axes[0], kernel_axes[-1]) if kernel_axes else ("embed", "embed")
     delta = self.build(d_out, in_axis, out_axis, dtype, name="adapter")(
-        flat_inputs, task_ids, routing_weights=routing_weights, deterministic=deterministic)
+        flat_inputs, task_ids, routing_weights=routing_weights, deterministic=deterministic,
+        decode=decode)
     return delta.reshape(outputs_shape)
 
   def layer_inputs(self) -> dict:

@@ -37,6 +37,10 @@ class PeftFormatError(ValueError):
   """An adapter that has no PEFT form, or a PEFT adapter this project cannot load."""
 
 
+class TaskIdError(ValueError):
+  """A task id that an adapter export's router does not have, or none where one is needed."""
+
+
 def kernel_shapes(config: T5Config) -> dict[tuple[str, ...], tuple[int, int]]:
   """``(d_in, d_out)`` of every per-layer dense projection, keyed by its module path."""
   return {path[:-1]: shape for path, shape in
@@ -65,6 +69,39 @@ def task_lora(adapter: AdapterConfig, layer_params, d_in: int, d_out: int, task_
   return squeeze(lora_a), squeeze(lora_b)
 
 
+def exported_shapes(meta: dict) -> dict[tuple[str, ...], tuple[int, int]]:
+  """``kernel_shapes`` of the backbone an adapter export was trained on (its ``model`` config)."""
+  from tensorpoly_jax import checkpoints
+
+  if "model" not in meta:
+    raise checkpoints.CheckpointMismatchError(
+        "the adapter's adapter_config.json has no 'model' config (written by an older"
+        " tensorpoly); export it again with this version.")
+  return kernel_shapes(config_from_dict(meta["model"]))
+
+
+def export_task(adapter: AdapterConfig, meta: dict, task_id: int | None) -> int | None:
+  """The task whose LoRA an export builds: ``task_id``, else an adapted export's own (its meta's
+  ``task_id``); 0 for LoRA and TLoRA, which build one ``A``, ``B`` for every task; None for a
+  routed multi-task export given none."""
+  if not adapter.routed:
+    return 0
+  task_id = meta.get("task_id") if task_id is None else task_id
+  if task_id is not None and not 0 <= task_id < adapter.n_tasks:
+    raise TaskIdError(f"task_id={task_id} is outside the adapter's {adapter.n_tasks} tasks:"
+                      f" --task_id=N takes 0 <= N < {adapter.n_tasks}, the ids in routing_ids.")
+  return task_id
+
+
+def task_loras(adapter: AdapterConfig, adapter_params, shapes, task_id: int
+               ) -> dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]]:
+  """Every adapted projection's ``(A: [d_in, r], B: [r, d_out])`` for ``task_id``, keyed by its
+  module path; ``shapes`` (``kernel_shapes``) gives each one's ``(d_in, d_out)``."""
+  routing_weights = _shared_routing(adapter, adapter_params, task_id)
+  return {path: task_lora(adapter, layer_params, *shapes[path], task_id, routing_weights)
+          for path, layer_params in adapted_modules(adapter_params).items()}
+
+
 def _target_modules(module_paths, shapes) -> list[str]:
   """PEFT's ``target_modules``: the projection names (``q``, ``wo``) where they select exactly the
   adapted modules, else every adapted module's full name."""
@@ -88,33 +125,23 @@ def to_peft(adapter_params, meta: dict, task_id: int | None = None,
 
   ``task_id`` (default: an adapted export's own task) exports that task's LoRA."""
   adapter = from_dict(meta["adapter"])
-  if "model" not in meta:
-    raise PeftFormatError("the adapter's adapter_config.json has no 'model' config (written by an"
-                          " older tensorpoly); export it again with this version.")
-  shapes = kernel_shapes(config_from_dict(meta["model"]))
-  modules = adapted_modules(adapter_params)
-  if task_id is None:
-    task_id = meta.get("task_id")
-  if not adapter.routed:
-    task_id = 0  # LoRA and TLoRA build one A, B for every task
+  shapes = exported_shapes(meta)
+  task_id = export_task(adapter, meta, task_id)
   if task_id is None and adapter.method in ("poly", "mhr"):
-    return _to_poly(adapter, adapter_params, modules, shapes, base_model)
+    return _to_poly(adapter, adapter_params, adapted_modules(adapter_params), shapes, base_model)
   if task_id is None:
     raise PeftFormatError(
         f"{adapter.method} routes {adapter.n_tasks} tasks through tensor products, which PEFT has"
         " no adapter type for. Export one task as the rank-r LoRA it builds: --task_id=N (0 <="
         f" N < {adapter.n_tasks}, the ids in routing_ids); PEFT formats: LORA (lora, tlora, or"
         " any method for one task) and POLY (poly, mhr).")
-  if adapter.routed and not 0 <= task_id < adapter.n_tasks:
-    raise PeftFormatError(f"task_id={task_id} is outside the adapter's {adapter.n_tasks} tasks.")
-  routing_weights = _shared_routing(adapter, adapter_params, task_id)
+  loras = task_loras(adapter, adapter_params, shapes, task_id)
   tensors = {}
-  for path, layer_params in modules.items():
-    lora_a, lora_b = task_lora(adapter, layer_params, *shapes[path], task_id, routing_weights)
+  for path, (lora_a, lora_b) in loras.items():
     name = PREFIX + convert.hf_module_name(path)
     tensors[f"{name}.lora_A.weight"] = lora_a.T
     tensors[f"{name}.lora_B.weight"] = lora_b.T
-  config = _peft_config("LORA", modules, shapes, base_model, r=adapter.lora_rank, lora_alpha=1,
+  config = _peft_config("LORA", loras, shapes, base_model, r=adapter.lora_rank, lora_alpha=1,
                         lora_dropout=0.0, bias="none", fan_in_fan_out=False)
   return config, tensors
 

@@ -54,11 +54,16 @@ def results_identity(backbone: Backbone, adapter_dir: str | None) -> dict:
 def check_backbone(meta: dict, backbone: Backbone, adapter_dir: str) -> None:
   """Refuses an adapter export trained on another backbone than ``backbone`` (same shapes,
   other weights would score silently wrong)."""
+  check_fingerprint(meta, backbone.fingerprint, adapter_dir)
+
+
+def check_fingerprint(meta: dict, backbone_fingerprint: str | None, adapter_dir: str) -> None:
+  """``check_backbone`` for a backbone known by its fingerprint only."""
   trained_on = meta.get("backbone")
-  if trained_on is not None and trained_on != backbone.fingerprint:
+  if trained_on is not None and trained_on != backbone_fingerprint:
     raise checkpoints.CheckpointMismatchError(
         f"the adapter export {adapter_dir} was trained on the backbone with fingerprint"
-        f" {trained_on}, but BACKBONE_DIR holds the backbone {backbone.fingerprint}: set"
+        f" {trained_on}, but BACKBONE_DIR holds the backbone {backbone_fingerprint}: set"
         " BACKBONE_DIR to the backbone it was trained on.")
 
 
@@ -241,7 +246,7 @@ def adapt_heldout(model_dir: str, backbone: Backbone, adapter_dir: str, heldout,
     params = adapt(run_dir, backbone, pretrained, task, k, seed, choice_width=width)
     value = evaluate_task(scorer, params, task, pretrained.task_id, train.inputs_length,
                           train.targets_length, eval_split, eval_batch_size, seed,
-                          choice_width=width)
+                          choice_width=width).accuracy
     metrics.write_eval(run_dir, value, train.steps)
     return {"accuracy": value}
 
@@ -269,12 +274,45 @@ def adapt_heldout(model_dir: str, backbone: Backbone, adapter_dir: str, heldout,
   return AdaptResults(accuracy, count_params(adapted), shots_used, unfinished, identity)
 
 
+@dataclasses.dataclass(frozen=True)
+class Evaluated:
+  """One task's rank classification: the predicted and the true choice of each example."""
+
+  predictions: np.ndarray
+  labels: np.ndarray
+
+  @property
+  def accuracy(self) -> float:
+    return float(np.mean(self.predictions == self.labels))
+
+  def lines(self, task_name: str) -> list[dict]:
+    """Per-example records (``tensorpoly eval``'s predictions file)."""
+    return [{"task": task_name, "example": index, "prediction": int(p), "label": int(l)}
+            for index, (p, l) in enumerate(zip(self.predictions, self.labels))]
+
+
 def evaluate_task(scorer: evaluation.Scorer, params, task_name: str, task_id: int | None,
                   inputs_length: int, targets_length: int, split: str = "validation",
-                  batch_size: int = 32, seed: int = 0, choice_width: int | None = None) -> float:
-  """Accuracy on ``split``, each example under a template drawn with ``seed``, its choices padded
-  to ``choice_width`` (``choices.pad_choices``)."""
+                  batch_size: int = 32, seed: int = 0,
+                  choice_width: int | None = None) -> Evaluated:
+  """Predictions on ``split``, each example under a template drawn with ``seed``, its choices
+  padded to ``choice_width`` (``choices.pad_choices``)."""
   arrays = choices.pad_choices(
       choices.evaluation_arrays(task_name, split, inputs_length, targets_length, seed),
       choice_width)
-  return scorer.accuracy(params, arrays, task_id, batch_size, f"eval {task_name} ({split})")
+  predictions = scorer.predict(params, arrays, task_id, batch_size, f"eval {task_name} ({split})")
+  return Evaluated(predictions, np.asarray(arrays["label"]))
+
+
+def with_adapter(backbone: Backbone, adapter_dir: str | None) -> tuple[T5Config, dict, dict]:
+  """``(config, params, meta)`` of the backbone with an adapter export placed beside it on its
+  mesh (checked to be trained on it); without one, the backbone's and an empty meta."""
+  if adapter_dir is None:
+    return backbone.config, backbone.params, {}
+  adapter_params, meta = checkpoints.load_adapter(adapter_dir)
+  check_backbone(meta, backbone, adapter_dir)
+  config = backbone.config.replace(adapter=from_dict(meta["adapter"]))
+  shardings = split_params(partitioning.param_shardings(
+      abstract_variables(EncoderDecoder(config)), backbone.mesh))[0]
+  adapter_params = jax.device_put(layout.to_layout(adapter_params, config.scan_layers), shardings)
+  return config, merge_params(adapter_params, backbone.params), meta

@@ -14,6 +14,8 @@ restores a backbone-only T5X checkpoint into them.)
 """
 from __future__ import annotations
 
+import functools
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,7 @@ from tensorpoly_jax import data  # noqa: F401
 
 try:
   from t5x import adafactor, models, optimizers
+  from t5x import decoding as t5x_decoding
 except ImportError as err:  # pragma: no cover - depends on the environment
   raise ImportError(
       "tensorpoly_jax.t5x_bridge needs T5X: pip install git+https://github.com/google-research/t5x"
@@ -30,6 +33,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
   ) from err
 
 from tensorpoly_jax import configurables  # noqa: F401 (configs/adapters/*.gin bind the method configs)
+from tensorpoly_jax import decoding
 from tensorpoly_jax.data.tasks import TASK_FEATURE, RoutedEncDecFeatureConverter
 from tensorpoly_jax.methods import AdapterConfig
 from tensorpoly_jax.param_roles import ADAPTER_MODULES, is_adapter_path
@@ -91,8 +95,9 @@ def adapter_assignment_map() -> tuple[tuple[str, None], ...]:
 class EncoderDecoderModel(models.EncoderDecoderModel):
   """T5X's model, with ``task_ids`` and a routing rng passed to tensorpoly's ``EncoderDecoder``.
 
-  Training and scoring (rank classification) work; beam-search prediction needs incremental
-  decoding, which tensorpoly's T5 does not implement.
+  Training, scoring (``score_batch``: rank classification) and prediction
+  (``predict_batch_with_aux``: T5X's beam search or sampling, ``python -m t5x.infer``) route each
+  row by its task id.
   """
 
   FEATURE_CONVERTER_CLS = RoutedEncDecFeatureConverter
@@ -122,10 +127,41 @@ class EncoderDecoderModel(models.EncoderDecoderModel):
         enable_dropout=rngs is not None, rngs=rngs, mutable=mutable,
         task_ids=batch_task_ids(batch))
 
-  def predict_batch_with_aux(self, *args, **kwargs):
-    raise NotImplementedError(
-        "tensorpoly's T5 has no incremental decoding, so T5X beam search cannot run; evaluate"
-        " with rank classification (score_batch over the answer choices) instead.")
+  def predict_batch_with_aux(self, params, batch, rng=None, decoder_params=None,
+                             return_all_decodes=None, num_decodes=None,
+                             prompt_with_targets=False):
+    """T5X's ``decode_fn`` over the module's cached decoding steps, as T5X's own model runs it,
+    except that the encoder runs with the batch's task ids and the cache is built from its real
+    output (``decoding.init_cache``: cross-attention keys and values, and the adapters' factors
+    for each row's task), so that the steps need no task ids. Returns ``(decodes, {"scores"})``
+    as T5X's: ``[b, L]`` and ``[b]``, or every decode with ``return_all_decodes``."""
+    if prompt_with_targets:
+      raise NotImplementedError("prompt_with_targets: decoding from a prompt is not supported by"
+                                " tensorpoly's T5 (its cache has no prefill); decode from the"
+                                " start token.")
+    defaults = self._default_decoder_params
+    return_all_decodes = defaults.return_all_decodes if return_all_decodes is None else (
+        return_all_decodes)
+    num_decodes = defaults.num_decodes if num_decodes is None else num_decodes
+    task_ids, encoder_tokens = batch_task_ids(batch), batch["encoder_input_tokens"]
+    length = batch["decoder_input_tokens"].shape[1]
+    encoded = self.module.apply({"params": params}, encoder_tokens, enable_dropout=False,
+                                task_ids=task_ids, method=self.module.encode)
+    cache = decoding.init_cache(self.module, params, encoded, encoder_tokens, task_ids, length)
+    expand = lambda x: t5x_decoding.flat_batch_beam_expand(x, num_decodes)
+    steps = functools.partial(self._compute_logits_from_slice, params=params,
+                              encoded_inputs=expand(encoded), raw_inputs=expand(encoder_tokens),
+                              max_decode_length=length)
+    decoder_params = {"eos_id": self.output_vocabulary.eos_id or 1, **(decoder_params or {})}
+    if rng is not None:
+      decoder_params["decode_rng"] = rng
+    decodes, scores = self._decode_fn(
+        inputs=jnp.zeros_like(batch["decoder_input_tokens"]), cache=cache, tokens_to_logits=steps,
+        num_decodes=num_decodes, cache_offset=1 if self.module.config.scan_layers else 0,
+        **decoder_params)
+    if return_all_decodes:
+      return decodes, {"scores": scores}
+    return decodes[:, -1, :], {"scores": scores[:, -1]}
 
 
 def t5_module(preset_name: str = "t5_1_1_small", adapter: AdapterConfig | None = None,

@@ -85,3 +85,19 @@ def test_t0_memory_table_against_a_float32_backbone(run_benchmark, tmp_path):
   assert evaluation["stage"] == "eval" and evaluation["param_dtype"] == "bfloat16"
   assert evaluation["fits"] is True and evaluation["x_f32_baseline"] < 0.5
   assert "DOES NOT FIT" in stdout and "x f32 bb" in stdout
+
+
+def test_decode_benchmark_against_recompute_and_transformers(run_benchmark, tmp_path):
+  result, stdout = run_benchmark("decode.py", tmp_path / "decode.json")
+  assert "greedy tokens checked equal to transformers' generate" in stdout
+  rows = {(r["framework"], r["method"], r["mode"]): r for r in result["rows"]}
+  assert set(rows) == {("ours", "greedy", "cached"), ("ours", "greedy", "recompute"),
+                       ("ours", "beam 4", "cached"), ("hf", "greedy", "cached"),
+                       ("hf", "beam 4", "cached"), ("ours+tensorpoly_i", "greedy", "one task"),
+                       ("ours+tensorpoly_i", "greedy", "mixed tasks")}
+  size = result["size"]
+  for row in rows.values():
+    assert row["tokens_per_s"] == pytest.approx(
+        size["batch"] * size["new_tokens"] / row["median_s"])
+  assert result["summary"]["ours_over_hf_greedy"] == pytest.approx(
+      rows["ours", "greedy", "cached"]["tokens_per_s"] / rows["hf", "greedy", "cached"]["tokens_per_s"])

@@ -50,6 +50,21 @@ def test_pretrain_adapt_eval_commands(backbone, tmp_path, capsys):
                    f"--gin.ADAPTER_DIR='{adapted}'"]) == 0
   evaluated = json.loads((tmp_path / "eval_results.json").read_text())["accuracy"]
   assert evaluated["embedded__yew"] == pytest.approx(results["accuracy"]["embedded__yew"]["1"])
+  predictions = [json.loads(line) for line in (tmp_path / "eval_predictions.jsonl").open()]
+  assert {p["task"] for p in predictions} == {"embedded__yew"}
+  assert [p["example"] for p in predictions] == list(range(len(predictions)))
+  assert sum(p["prediction"] == p["label"] for p in predictions) / len(predictions) == (
+      pytest.approx(evaluated["embedded__yew"]))
+  # The adapted export serves its own task to `tensorpoly infer`, in input order.
+  requests = [{"input_ids": [5, 9, 13, 1], "id": "a"}, {"input_ids": [7, 1], "id": "b"}]
+  (tmp_path / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
+  assert cli.main(["infer", f"--backbone_dir={backbone}", f"--adapter_dir={adapted}",
+                   f"--input_file={tmp_path / 'requests.jsonl'}",
+                   f"--output_file={tmp_path / 'answers.jsonl'}", "--gin.MAX_DECODE_LENGTH=4",
+                   "--gin.BATCH_SIZE=2"]) == 0
+  answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").open()]
+  assert [a["id"] for a in answers] == ["a", "b"]
+  assert all(len(a["prediction_ids"]) <= 4 and 1 not in a["prediction_ids"] for a in answers)
   assert f"eval embedded__yew: accuracy {evaluated['embedded__yew']:.4f} on {split}" in (
       capsys.readouterr().out)
   # The adapted TensorPoly-I export goes to PEFT as the LoRA its task's routing builds.

@@ -13,7 +13,7 @@ from tensorpoly_jax.t5 import convert, scoring
 from tensorpoly_jax.t5.model import merge_params, split_params
 from tests.test_t5 import (assert_logits_match, flax_logits, hf_model, random_batch, save_untied,
                            with_adapter)
-from tests.small_adapters import small_adapter
+from tests.small_adapters import random_adapter, small_adapter
 
 peft = pytest.importorskip("peft")
 
@@ -39,29 +39,11 @@ def converted(tmp_path):
   return hf, config, backbone
 
 
-def trained(adapter_params, seed=0):
-  """Adapter params moved off their init as training moves them: non-zero B, distinct router
-  rows. Tensor leaves are shrunk to T0 width's regime, where their products' variance is far
-  below the pair norm's eps (at this tiny width it would normalize them to O(1) entries, and
-  float32 rounding of a delta larger than the logits would blur the comparison)."""
-  def move(path, x, key):
-    name = jax.tree_util.keystr(path)
-    if "leaves" in name:
-      return 0.1 * np.asarray(x)
-    return np.asarray(x) + (1.0 if "skill_logits" in name else 0.02) * np.asarray(
-        jax.random.normal(key, x.shape))
-
-  leaves, tree = jax.tree_util.tree_flatten_with_path(adapter_params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree_util.tree_unflatten(tree, [move(path, x, key)
-                                             for (path, x), key in zip(leaves, keys)])
-
-
 @pytest.mark.parametrize("method", sorted(methods.METHODS))
 def test_export_loads_in_peft_with_our_logits(method, converted, tmp_path):
   hf, config, backbone = converted
   config = config.replace(adapter=small_adapter(method, n_tasks=3, skills=SKILLS[method]))
-  adapter_params = trained(split_params(with_adapter(config, backbone))[0])
+  adapter_params = random_adapter(config)
   params = merge_params(adapter_params, backbone)
   export = checkpoints.export_adapter(str(tmp_path), "adapter", adapter_params,
                                       pipeline.run_meta("pretrain", config, {}))
@@ -134,7 +116,7 @@ def test_multi_task_tensor_adapter_names_the_peft_formats(converted, tmp_path):
   meta = pipeline.run_meta("pretrain", config, {})
   with pytest.raises(peft_bridge.PeftFormatError, match=r"--task_id=N.*LORA.*POLY"):
     peft_bridge.to_peft(adapter_params, meta)
-  with pytest.raises(peft_bridge.PeftFormatError, match="outside the adapter's 3 tasks"):
+  with pytest.raises(peft_bridge.TaskIdError, match="outside the adapter's 3 tasks"):
     peft_bridge.to_peft(adapter_params, meta, task_id=3)
 
 

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import hypothesis
 import hypothesis.strategies as st
@@ -380,7 +381,8 @@ def test_adapt_keeps_every_finished_run_and_redoes_only_the_failed_ones(tmp_path
   monkeypatch.setattr(pipeline, "load_backbone", lambda *args: backbone)
   monkeypatch.setattr(pipeline, "adapt", adapt)
   monkeypatch.setattr(pipeline, "evaluate_task",
-                      lambda *args, choice_width: 0.5 + args[-1] / 10)  # by seed
+                      lambda *args, choice_width: types.SimpleNamespace(
+                          accuracy=0.5 + args[-1] / 10))  # by seed
   monkeypatch.setattr(metrics, "write_eval", lambda *args: None)
   heldout = ["embedded__yew", "embedded__rowan"]
   run = lambda shots=8: commands.adapt(str(tmp_path), "backbone", adapter_dir, heldout,

@@ -266,14 +266,14 @@ def test_every_heldout_template_renders_every_row_with_its_label(name, data_dir)
         assert prompted.answer_choices[prompted.label] == prompted.targets
 
 
-def sentencepiece_dir(path, text) -> str:
+def sentencepiece_dir(path, text, vocab_size=200) -> str:
   """A tiny SentencePiece vocabulary (``spiece.model``) trained on ``text``: T0's vocabulary is a
   download, and `tensorpoly data` only needs one that encodes."""
   import sentencepiece
 
   with open(f"{path}/spiece.model", "wb") as model:
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(text), model_writer=model, vocab_size=200, model_type="unigram",
+        sentence_iterator=iter(text), model_writer=model, vocab_size=vocab_size, model_type="unigram",
         hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
   return str(path)
 

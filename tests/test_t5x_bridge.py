@@ -34,7 +34,7 @@ def bridge():
   return t5x_bridge
 
 
-def _t5x_model(bridge, adapter):
+def _t5x_model(bridge, adapter, **model_fields):
   """T5X's model class as a T5X gin file builds it: vocabularies and an adapters-only optimizer."""
   import seqio
   from t5x import adafactor, optimizers
@@ -44,7 +44,7 @@ def _t5x_model(bridge, adapter):
       adafactor.Adafactor(logical_factor_rules=bridge.adapter_factor_rules()))])
   vocabulary = seqio.PassThroughVocabulary(512)
   return bridge.EncoderDecoderModel(bridge.t5_module("tiny", adapter, dtype="float32"),
-                                    vocabulary, vocabulary, adapters_only)
+                                    vocabulary, vocabulary, adapters_only, **model_fields)
 
 
 def _batch(task_ids):
@@ -55,6 +55,23 @@ def _batch(task_ids):
           "decoder_input_tokens": np.pad(targets[:, :-1], ((0, 0), (1, 0))),
           "decoder_loss_weights": np.ones_like(targets, np.float32),
           "task_id": np.asarray(task_ids, np.int32)[:, None]}
+
+
+def _check_prediction(bridge, adapter, params, batch):
+  """T5X's greedy sampling (top-k 1) over the bridge's cached steps gives tensorpoly's greedy
+  decoding of the same mixed-task batch (T5X's beam search runs in the `python -m t5x.train` and
+  `python -m t5x.infer` test below)."""
+  from t5x import decoding as t5x_decoding
+
+  from tensorpoly_jax import decoding
+
+  greedy = _t5x_model(bridge, adapter, decode_fn=t5x_decoding.temperature_sample)
+  theirs, _ = greedy.predict_batch_with_aux(params, batch, rng=jax.random.PRNGKey(0))
+  length = batch["decoder_input_tokens"].shape[1]
+  ours = decoding.generate(greedy.module, params, batch["encoder_input_tokens"],
+                           jnp.asarray(batch["task_id"][:, 0]),
+                           decoding.DecodeConfig(max_decode_length=length, eos_id=1))
+  np.testing.assert_array_equal(np.asarray(theirs), np.asarray(ours.tokens))
 
 
 def test_task_ids_and_routing_rng_reach_the_module(bridge):
@@ -82,8 +99,7 @@ def test_task_ids_and_routing_rng_reach_the_module(bridge):
   trained, _ = model.loss_fn(params, batch, jax.random.PRNGKey(1))
   np.testing.assert_allclose(deterministic, -scored.sum(), rtol=1e-5)  # summed, no z-loss
   assert not np.allclose(trained, deterministic, atol=1e-5)
-  with pytest.raises(NotImplementedError, match="rank classification"):
-    model.predict_batch_with_aux(params, batch)
+  _check_prediction(bridge, adapter, params, batch)
   with pytest.raises(KeyError, match="RoutedEncDecFeatureConverter"):
     model.score_batch(params, {k: v for k, v in batch.items() if k != "task_id"})
   with pytest.raises(NotImplementedError, match="packed examples"):
@@ -237,6 +253,7 @@ def test_t5x_train_adapts_a_t5x_backbone_checkpoint(bridge, tmp_path):
              f"--gin.INITIAL_CHECKPOINT_PATH='{checkpoint}'",
              "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", "--gin.TRAIN_STEPS=3",
              "--gin.BATCH_SIZE=8", "--gin.SAVE_PERIOD=3", "--gin.LEARNING_RATE=0.01",
+             f"--gin.INFER_EVAL_MIXTURE_OR_TASK_NAME='{INFER_TASK}'",
              *(f"--gin.{binding.replace(' ', '')}" for binding in TINY_T5X)]
   # T5X's CPU mesh puts every device on 'model': 2 of them split the tiny preset's 4 heads.
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
@@ -254,3 +271,30 @@ def test_t5x_train_adapts_a_t5x_backbone_checkpoint(bridge, tmp_path):
   # TensorPoly-I's routers start uniform(+-1e-3); trained rows move past that.
   router_rows = [np.asarray(v) for k, v in adapters.items() if k[-1] == "skill_logits"]
   assert router_rows and max(np.abs(row).max() for row in router_rows) > 1e-3
+  # T5X's inference evaluation ran at step 3, and `python -m t5x.infer` serves the checkpoint.
+  assert len(_predictions(tmp_path / "run" / "inference_eval")) == 40
+  assert (tmp_path / "run" / "inference_eval" / f"{INFER_TASK}-metrics.jsonl").exists()
+  command = [sys.executable, "-m", "t5x.infer", f"--gin_search_paths={CONFIGS}",
+             "--gin_file=t5x/tensorpoly_i.gin", "--gin_file=t5x/runs/infer.gin",
+             "--gin_file=t5x/data_embedded.gin", f"--gin.CHECKPOINT_PATH='{tmp_path / 'run'}"
+             "/checkpoint_3'", f"--gin.INFER_OUTPUT_DIR='{tmp_path / 'infer'}'",
+             f"--gin.MIXTURE_OR_TASK_NAME='{INFER_TASK}'", "--gin.BATCH_SIZE=8",
+             "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}",
+             *(f"--gin.{binding.replace(' ', '')}" for binding in TINY_T5X)]
+  run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert len(_predictions(tmp_path / "infer")) == 40  # the task's validation split
+
+
+INFER_TASK = "embedded__alder__t0"
+
+
+def _predictions(folder):
+  """The predictions T5X wrote as JSON lines under ``folder`` (one per example)."""
+  import json
+
+  written = [path for path in folder.rglob("*.jsonl*")  # t5x.infer shards: *.jsonl-00000-of-...
+             if not path.name.endswith(("-metrics.jsonl", ".COMPLETED"))]
+  lines = [json.loads(line) for path in written for line in path.open()]
+  assert all("prediction" in line for line in lines), lines[:1]
+  return lines

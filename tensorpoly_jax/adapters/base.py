@@ -10,7 +10,7 @@ Einsum letters: ``b`` batch, ``t`` tokens, ``d``/``e`` in/out features, ``r`` Lo
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +49,12 @@ class Adapter(nn.Module):
   """Fields shared by every adapter; ``in_axis``/``out_axis`` are the frozen kernel's axis names.
 
   Subclasses implement ``factors(d_in, task_ids, routing_weights, deterministic) -> (A, B)``.
+  ``decode``: the factors are built once, for the batch's tasks, on the call that creates the
+  ``cache`` collection, and read from it at every later decoding step (``caches_factors``).
   """
+
+  # Off where the factors are the params themselves (LoRA): a cached copy would cost memory only.
+  caches_factors: ClassVar[bool] = True
 
   features: int
   lora_rank: int = 16
@@ -64,13 +69,30 @@ class Adapter(nn.Module):
     """[b, ..., d] -> [b, t, d]; the leading axis is the batch that task ids index."""
     return jnp.asarray(x, self.dtype).reshape(x.shape[0], -1, x.shape[-1])
 
-  def __call__(self, x, task_ids=None, *, routing_weights=None, deterministic=True):
+  def __call__(self, x, task_ids=None, *, routing_weights=None, deterministic=True, decode=False):
     ent.check_positive(features=self.features, lora_rank=self.lora_rank)
     tokens = self._flatten_tokens(x)
-    lora_a, lora_b = self.factors(tokens.shape[-1], task_ids, routing_weights, deterministic)
+    if decode and self.caches_factors:
+      lora_a, lora_b = self._decoding_factors(tokens, task_ids, routing_weights)
+    else:
+      lora_a, lora_b = self.factors(tokens.shape[-1], task_ids, routing_weights, deterministic)
     # float32 pair norms would otherwise promote the delta, and the block, out of bf16 compute.
     delta = low_rank_delta(tokens, jnp.asarray(lora_a, self.dtype), jnp.asarray(lora_b, self.dtype))
     return delta.reshape(*x.shape[:-1], self.features)
+
+  def _decoding_factors(self, tokens, task_ids, routing_weights):
+    """Per-example ``A: [b, d_in, r]``, ``B: [b, r, d_out]`` from the ``cache`` collection, where
+    they are put on its first call (per example so that beam search can reorder them)."""
+    if self.has_variable("cache", "lora_a"):
+      return self.get_variable("cache", "lora_a"), self.get_variable("cache", "lora_b")
+    batch = tokens.shape[0]
+    per_example = lambda factor: (factor if factor.ndim == 3
+                                  else jnp.broadcast_to(factor, (batch, *factor.shape)))
+    lora_a, lora_b = (per_example(f) for f in self.factors(tokens.shape[-1], task_ids,
+                                                           routing_weights, True))
+    self.put_variable("cache", "lora_a", lora_a)
+    self.put_variable("cache", "lora_b", lora_b)
+    return lora_a, lora_b
 
 
 class Routed(Adapter):

@@ -15,6 +15,8 @@ param_roles.declare(lora_a="lora", lora_b="lora")
 class LoRA(Adapter):
   """``A`` kaiming-uniform, ``B`` zeros."""
 
+  caches_factors = False
+
   @nn.compact
   def factors(self, d_in, task_ids, routing_weights, deterministic):
     lora_a = self._param("lora_a", uniform_init(kaiming_bound(d_in)), (d_in, self.lora_rank),

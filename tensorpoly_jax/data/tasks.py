@@ -235,9 +235,17 @@ class InMemoryTask(seqio.Task):
     return super().preprocess_precache(dataset, seed).cache()
 
 
+def exact_match(targets, predictions) -> dict[str, float]:
+  """Percentage of generated predictions equal to their target text: what T5X's inference
+  evaluation (``python -m t5x.train`` with an ``infer_eval`` dataset) reports for a task."""
+  return {"exact_match": 100.0 * sum(t == p for t, p in zip(targets, predictions))
+          / max(len(targets), 1)}
+
+
 def add_task(name: str, source: seqio.DataSource, vocabulary: seqio.Vocabulary,
              inputs_eos: bool = True) -> seqio.Task:
-  """Registers (or re-registers) a task with tokenized inputs/targets."""
+  """Registers (or re-registers) a task with tokenized inputs/targets, scored by exact match
+  when T5X generates for it."""
   _READ_CACHE.pop(name, None)
   _INFO.pop(name, None)
   if name in seqio.TaskRegistry.names():
@@ -246,7 +254,7 @@ def add_task(name: str, source: seqio.DataSource, vocabulary: seqio.Vocabulary,
   return seqio.TaskRegistry.add(
       name, source, output_features=output_features(vocabulary, inputs_eos), task_cls=InMemoryTask,
       preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos,
-                     seqio.CacheDatasetPlaceholder()])
+                     seqio.CacheDatasetPlaceholder()], metric_fns=[exact_match])
 
 
 def add_mixture(name: str, tasks_and_rates: Sequence[tuple[str, float]]) -> seqio.Mixture:

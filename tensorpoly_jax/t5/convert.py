@@ -1,4 +1,5 @@
-"""Hugging Face T5 / T0 checkpoints -> Flax params in T5X layout, streamed tensor by tensor.
+"""Hugging Face T5 / T0 checkpoints -> Flax params in T5X layout, streamed tensor by tensor, and
+back (``hf_checkpoint_files``, for a merged model).
 
 Reads ``config.json`` and ``model.safetensors`` (or shards listed in
 ``model.safetensors.index.json``). Pickled ``pytorch_model.bin`` files are read only with
@@ -58,6 +59,28 @@ def config_from_hf(hf_config: dict, **overrides) -> T5Config:
   ).replace(**overrides)
 
 
+def config_to_hf(config: T5Config) -> dict:
+  """A Hugging Face ``config.json`` dict for ``T5ForConditionalGeneration`` (``config_from_hf``'s
+  inverse): v1.0 ties the output layer to the embedding (``tie_word_embeddings``), v1.1 does not."""
+  activations = config.mlp_activations
+  if len(activations) == 1:
+    projection = activations[0]
+  elif len(activations) == 2 and activations[1] == "linear":
+    projection = f"gated-{activations[0]}"
+  else:
+    raise CheckpointError(f"mlp_activations={activations} has no Hugging Face T5 form (one"
+                          " activation, or an activation and 'linear').")
+  return {"architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
+          "vocab_size": config.vocab_size, "d_model": config.emb_dim, "d_kv": config.head_dim,
+          "d_ff": config.mlp_dim, "num_heads": config.num_heads,
+          "num_layers": config.num_encoder_layers, "num_decoder_layers": config.num_decoder_layers,
+          "feed_forward_proj": projection, "tie_word_embeddings": config.logits_via_embedding,
+          "relative_attention_num_buckets": config.num_buckets,
+          "relative_attention_max_distance": config.max_distance,
+          "layer_norm_epsilon": config.layer_norm_epsilon, "is_encoder_decoder": True,
+          "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1}
+
+
 def flax_name(hf_name: str) -> tuple[tuple[str, ...], bool] | None:
   """``(flax path, transpose)`` for a HF tensor name, or None if the name is not a T5 tensor."""
   if hf_name == "shared.weight":
@@ -91,14 +114,41 @@ def flax_name(hf_name: str) -> tuple[tuple[str, ...], bool] | None:
   return None
 
 
+def _hf_sublayer(stack: str, layer: str, name: str) -> tuple[str, str]:
+  """``(HF sublayer, HF module)`` that hold our module or norm ``name`` in block ``layer``, e.g.
+  ``("encoder", "layers_0", "mlp")`` -> ``("encoder.block.0.layer.1", "DenseReluDense")``."""
+  table = _ENCODER_SUBLAYERS if stack == "encoder" else _DECODER_SUBLAYERS
+  index, hf_module = next((index, hf) for index, (hf, module, norm) in table.items()
+                          if name in (module, norm))
+  return f"{stack}.block.{layer.removeprefix('layers_')}.layer.{index}", hf_module
+
+
 def hf_module_name(module_path: tuple[str, ...]) -> str:
   """The Hugging Face T5 module of a per-layer dense projection, e.g. ``("encoder", "layers_0",
   "attention", "query")`` -> ``encoder.block.0.layer.0.SelfAttention.q`` (``flax_name``'s inverse)."""
   stack, layer, module, leaf = module_path
-  table = _ENCODER_SUBLAYERS if stack == "encoder" else _DECODER_SUBLAYERS
-  sublayer, hf_module = next((index, hf) for index, (hf, ours, _) in table.items() if ours == module)
+  sublayer, hf_module = _hf_sublayer(stack, layer, module)
   hf_leaf = {ours: hf for hf, ours in _ATTENTION.items()}.get(leaf, leaf)
-  return f"{stack}.block.{layer.removeprefix('layers_')}.layer.{sublayer}.{hf_module}.{hf_leaf}"
+  return f"{sublayer}.{hf_module}.{hf_leaf}"
+
+
+def hf_name(path: tuple[str, ...]) -> tuple[str, bool]:
+  """``(HF tensor name, transpose)`` of a per-layer Flax param path (``flax_name``'s inverse)."""
+  if path == ("token_embedder", "embedding"):
+    return "shared.weight", False
+  if path == ("decoder", "logits_dense", "kernel"):
+    return "lm_head.weight", True
+  stack, *rest = path
+  if rest == [f"{stack}_norm", "scale"]:
+    return f"{stack}.final_layer_norm.weight", False
+  if rest == ["relpos_bias", "rel_embedding"]:  # HF keeps the stack's one bias in its first block
+    return f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", True
+  if len(rest) == 4 and rest[-1] == "kernel":
+    return f"{hf_module_name(path[:-1])}.weight", True
+  if len(rest) == 3 and rest[-1] == "scale":
+    sublayer, _ = _hf_sublayer(stack, *rest[:2])
+    return f"{sublayer}.layer_norm.weight", False
+  raise CheckpointError(f"{'/'.join(path)} is not a param of a T5 encoder-decoder.")
 
 
 def _tensor_files(checkpoint_dir: str, allow_pickle: bool) -> tuple[list[str], bool]:
@@ -223,9 +273,26 @@ def load_hf_checkpoint(checkpoint_dir: str, allow_pickle: bool = False,
   return config, traverse_util.unflatten_dict(flat)
 
 
+def hf_checkpoint_files(config: T5Config, params) -> dict[str, bytes]:
+  """``config.json`` and ``model.safetensors`` of a Hugging Face T5 checkpoint holding ``params``
+  in their dtype (``load_hf_checkpoint``'s inverse). A tied model's head is ``shared.weight``;
+  ``T5ForConditionalGeneration`` ties the embedding aliases itself."""
+  from safetensors.numpy import save
+
+  flat = traverse_util.flatten_dict(layout.to_layout(params, scanned=False))
+  tensors = {}
+  for path, value in flat.items():
+    name, transpose = hf_name(path)
+    # safetensors writes each buffer as if C-ordered: transposed views must be copied first.
+    tensors[name] = np.ascontiguousarray(np.asarray(value).T if transpose else value)
+  return {"config.json": json.dumps(config_to_hf(config), indent=2).encode(),
+          "model.safetensors": save(tensors)}
+
+
 CONVERTED_CONFIG = "t5_config.json"
 CONVERTED_PARAMS = "params"
 CONVERTED_FINGERPRINT = "fingerprint.txt"  # the params' content (tensorpoly_jax.fingerprint)
+VOCABULARY_FILE = "spiece.model"  # T5's SentencePiece model, kept beside converted weights
 CONVERTED_SOURCE = "source.txt"  # the checkpoint folder or hub id it was converted from
 
 

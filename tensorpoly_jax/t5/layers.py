@@ -41,7 +41,8 @@ class DenseGeneral(nn.Module):
   adapter: AdapterConfig | None = None
 
   @nn.compact
-  def __call__(self, inputs, task_ids=None, *, routing_weights=None, deterministic=True):
+  def __call__(self, inputs, task_ids=None, *, routing_weights=None, deterministic=True,
+               decode=False):
     features = canonicalize_tuple(self.features)
     axis = normalize_axes(canonicalize_tuple(self.axis), inputs.ndim)
     inputs = jnp.asarray(inputs, self.dtype)
@@ -54,16 +55,19 @@ class DenseGeneral(nn.Module):
     if self.adapter is None or not self.adapter.matches("/".join(self.path)):
       return outputs
     return outputs + self.adapter.dense_delta(inputs, axis, outputs.shape, self.kernel_axes,
-                                              self.dtype, task_ids, routing_weights, deterministic)
+                                              self.dtype, task_ids, routing_weights, deterministic,
+                                              decode)
 
 
 @struct.dataclass
 class Routing:
   """What adapted layers route on: ``task_ids: int[B]`` and, with a router shared across layers,
-  its weights ``[B, H, S]`` (computed once per batch)."""
+  its weights ``[B, H, S]`` (computed once per batch). ``decode``: adapters keep their factors in
+  the ``cache`` collection (built on the cache's first call, read at every later step)."""
 
   task_ids: jnp.ndarray | None = None
   weights: jnp.ndarray | None = None
+  decode: bool = struct.field(pytree_node=False, default=False)
 
 
 def _dense(routing: Routing | None, deterministic: bool, **dense_kwargs):
@@ -71,7 +75,7 @@ def _dense(routing: Routing | None, deterministic: bool, **dense_kwargs):
   layer = DenseGeneral(**dense_kwargs)
   routing = routing or Routing()
   return lambda x: layer(x, routing.task_ids, routing_weights=routing.weights,
-                         deterministic=deterministic)
+                         deterministic=deterministic, decode=routing.decode)
 
 
 class LayerNorm(nn.Module):
@@ -161,8 +165,19 @@ def make_decoder_mask(decoder_target_tokens, dtype=jnp.float32):
   return jnp.asarray(causal & valid[:, None, :, None] & valid[:, None, None, :], dtype)
 
 
+# Logical axes of the attention cache's keys and values, ``[b, length, heads, kv]``.
+CACHE_AXES = ("batch", "length", "heads", "kv")
+
+
 class MultiHeadDotProductAttention(nn.Module):
-  """T5 attention: no 1/sqrt(d) on logits (folded into the query init), additive mask bias."""
+  """T5 attention: no 1/sqrt(d) on logits (folded into the query init), additive mask bias.
+
+  With ``decode``, keys and values live in the ``cache`` collection (T5X's pattern): the call that
+  creates the cache sizes it (``cache_length``, else the inputs' length) and returns what a plain
+  call does; each later call takes one token, writes its key and value at ``cache_index`` and
+  attends to the positions written so far, with row ``cache_index`` of ``bias``. Cross-attention
+  (``cross_attention``) caches the projected encoder output whole on the first call instead.
+  """
 
   num_heads: int
   head_dim: int
@@ -171,19 +186,26 @@ class MultiHeadDotProductAttention(nn.Module):
   kernel_init: Any = default_kernel_init
   float32_logits: bool = True
   adapter: AdapterConfig | None = None
+  cross_attention: bool = False
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv, mask=None, bias=None, routing=None, *,
-               deterministic=True):
+               deterministic=True, decode=False, cache_length=None):
     depth_scaling = math.sqrt(self.head_dim)
     projection = dict(features=(self.num_heads, self.head_dim), kernel_axes=("embed", "joined_kv"),
                       dtype=self.dtype, adapter=self.adapter)
     query = _dense(routing, deterministic, name="query",
                    kernel_init=lambda *a: self.kernel_init(*a) / depth_scaling, **projection)(inputs_q)
-    key = _dense(routing, deterministic, name="key", kernel_init=self.kernel_init,
-                 **projection)(inputs_kv)
-    value = _dense(routing, deterministic, name="value", kernel_init=self.kernel_init,
-                   **projection)(inputs_kv)
+    project = lambda name: _dense(routing, deterministic, name=name, kernel_init=self.kernel_init,
+                                  **projection)(inputs_kv)
+    if decode and self.cross_attention:
+      key, value = (partitioning.variable_with_axes("cache", f"cached_{name}", project, name,
+                                                    axes=CACHE_AXES).value
+                    for name in ("key", "value"))
+    else:
+      key, value = project("key"), project("value")
+      if decode:
+        key, value, mask, bias = self._extend_cache(key, value, mask, bias, cache_length)
     logits_dtype = jnp.float32 if self.float32_logits else self.dtype
     logits = jnp.einsum("bqhd,bkhd->bhqk", jnp.asarray(query, logits_dtype),
                         jnp.asarray(key, logits_dtype))
@@ -199,6 +221,30 @@ class MultiHeadDotProductAttention(nn.Module):
     return _dense(routing, deterministic, name="out", features=inputs_q.shape[-1], axis=(-2, -1),
                   kernel_axes=("joined_kv", "embed"), kernel_init=self.kernel_init,
                   dtype=self.dtype, adapter=self.adapter)(context)
+
+  def _extend_cache(self, key, value, mask, bias, cache_length):
+    """``(keys, values, mask, bias)`` to attend with: the cache's, after writing this step's key
+    and value ``[b, 1, h, d]`` at ``cache_index``; the inputs' own on the call that creates it."""
+    created = not self.has_variable("cache", "cached_key")
+    batch, length = key.shape[0], cache_length or key.shape[1]
+    cached_key, cached_value = (partitioning.variable_with_axes(
+        "cache", name, jnp.zeros, (batch, length, self.num_heads, self.head_dim), key.dtype,
+        axes=CACHE_AXES) for name in ("cached_key", "cached_value"))
+    cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    if created:
+      steps = key.shape[1]
+      return key, value, mask, None if bias is None else bias[..., :steps, :steps]
+    if key.shape[1] != 1:
+      raise ValueError(f"a decoding step takes one token per example, got {key.shape[1]}.")
+    index = cache_index.value
+    cached_key.value = lax.dynamic_update_slice(cached_key.value, key, (0, index, 0, 0))
+    cached_value.value = lax.dynamic_update_slice(cached_value.value, value, (0, index, 0, 0))
+    cache_index.value = index + 1
+    written = (jnp.arange(length) <= index)[None, None, None, :]
+    mask = written if mask is None else written & (mask > 0)
+    if bias is not None:
+      bias = lax.dynamic_slice_in_dim(bias, index, 1, axis=-2)
+    return cached_key.value, cached_value.value, mask, bias
 
 
 class MlpBlock(nn.Module):

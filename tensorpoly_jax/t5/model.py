@@ -151,10 +151,13 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """One decoder block; returns ``(y, None)`` under scan."""
+  """One decoder block; returns ``(y, None)`` under scan. ``decode``: one token per call, with
+  keys and values cached (``layers.MultiHeadDotProductAttention``) up to ``cache_length``."""
 
   config: T5Config
   deterministic: bool
+  decode: bool = False
+  cache_length: int | None = None
 
   @nn.compact
   def __call__(self, inputs, encoded, bias, decoder_mask, encoder_decoder_mask, routing):
@@ -163,14 +166,16 @@ class DecoderLayer(nn.Module):
                          name="pre_self_attention_layer_norm")(inputs)
     x = layers.MultiHeadDotProductAttention(
         cfg.num_heads, cfg.head_dim, cfg.dtype, cfg.dropout_rate, adapter=cfg.adapter,
-        name="self_attention")(x, x, decoder_mask, bias, routing, deterministic=deterministic)
+        name="self_attention")(x, x, decoder_mask, bias, routing, deterministic=deterministic,
+                               decode=self.decode, cache_length=self.cache_length)
     x = _dropout(cfg, x, deterministic) + inputs
     y = layers.LayerNorm(cfg.layer_norm_epsilon, cfg.dtype,
                          name="pre_cross_attention_layer_norm")(x)
     y = layers.MultiHeadDotProductAttention(
         cfg.num_heads, cfg.head_dim, cfg.dtype, cfg.dropout_rate, adapter=cfg.adapter,
-        name="encoder_decoder_attention")(y, encoded, encoder_decoder_mask, None, routing,
-                                          deterministic=deterministic)
+        cross_attention=True, name="encoder_decoder_attention")(
+            y, encoded, encoder_decoder_mask, None, routing, deterministic=deterministic,
+            decode=self.decode)
     y = _dropout(cfg, y, deterministic) + x
     z = layers.LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="pre_mlp_layer_norm")(y)
     z = _mlp(cfg)(z, routing, deterministic=deterministic)
@@ -192,11 +197,14 @@ def _relpos(cfg: T5Config):
                                        cfg.dtype, name="relpos_bias")
 
 
-def _run_blocks(block_cls, cfg: T5Config, num_layers: int, deterministic: bool, x, shared):
+def _run_blocks(block_cls, cfg: T5Config, num_layers: int, deterministic: bool, x, shared,
+                **block_fields):
   """Applies ``num_layers`` blocks to ``x``; ``shared()`` gives the other inputs every block
   takes. As modules ``layers_0..`` or, with ``scan_layers``, as one scanned module ``layers``
-  whose params carry a leading ``layers`` axis (T5X's ``scan_layers`` layout)."""
-  if cfg.remat != "none":
+  whose params (and decoding cache) carry a leading ``layers`` axis (T5X's ``scan_layers``
+  layout). ``block_fields`` are the blocks' own fields beyond the config."""
+  decode = block_fields.get("decode", False)
+  if cfg.remat != "none" and not decode:
     # Under scan, the loop already keeps XLA from merging recomputation into the forward pass.
     block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[cfg.remat],
                          prevent_cse=not cfg.scan_layers)
@@ -204,14 +212,16 @@ def _run_blocks(block_cls, cfg: T5Config, num_layers: int, deterministic: bool, 
     for index in range(num_layers):
       # shared() per block: its bias lookup's gradient then sums per layer in the same order as
       # T5X's per-layer T5 (and this project's results before scan), bit for bit.
-      x = block_cls(cfg, deterministic, name=f"layers_{index}")(x, *shared())
+      x = block_cls(cfg, deterministic, **block_fields, name=f"layers_{index}")(x, *shared())
     return x
   inputs = shared()
+  collections = ("params", "cache") if decode else ("params",)
   scanned = nn_partitioning.scan_with_axes(
-      block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True,
-                                                          ROUTING_RNG: True},
-      in_axes=(nn.broadcast,) * len(inputs), length=num_layers, axis_name="layers")
-  x, _ = scanned(cfg, deterministic, name="layers")(x, *inputs)
+      block_cls, variable_axes=dict.fromkeys(collections, 0),
+      split_rngs={"params": True, "dropout": True, ROUTING_RNG: True},
+      in_axes=(nn.broadcast,) * len(inputs), length=num_layers, axis_name="layers",
+      axes_collections=collections)
+  x, _ = scanned(cfg, deterministic, **block_fields, name="layers")(x, *inputs)
   return x
 
 
@@ -237,14 +247,15 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, encoded, decoder_input_tokens, decoder_mask, encoder_decoder_mask, routing,
-               deterministic):
+               deterministic, decode=False, max_decode_length=None):
     cfg = self.config
     relpos = _relpos(cfg)
     y = _dropout(cfg, self.shared_embedding(decoder_input_tokens.astype("int32")), deterministic)
-    length = y.shape[-2]
+    # Decoding steps see one position; their bias rows come from the whole decode length's.
+    length = (max_decode_length if decode else None) or y.shape[-2]
     y = _run_blocks(DecoderLayer, cfg, cfg.num_decoder_layers, deterministic, y,
                     lambda: (encoded, relpos(length, length, False), decoder_mask,
-                             encoder_decoder_mask, routing))
+                             encoder_decoder_mask, routing), decode=decode, cache_length=length)
     y = layers.LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="decoder_norm")(y)
     y = _dropout(cfg, y, deterministic)
     if cfg.logits_via_embedding:  # v1.0: tied output layer, rescaled as T5 does
@@ -286,17 +297,24 @@ class EncoderDecoder(nn.Module):
              encoder_segment_ids=None, decoder_segment_ids=None, decoder_positions=None,
              enable_dropout=True, decode=False, max_decode_length=None, task_ids=None,
              routing=None):
-    if decode:
-      raise NotImplementedError("incremental decoding is not implemented; score with full targets.")
+    """Decoder logits ``[b, t, vocab]``.
+
+    ``decode``: incremental decoding with the ``cache`` collection mutable. The call without a
+    cache creates it for ``max_decode_length`` positions (default: the inputs' length), caching
+    ``encoded``'s cross-attention keys and values and each adapted layer's factors for the
+    batch's ``task_ids`` (so pass the real encoder output and task ids to that call); every later
+    call takes one token per example, ``[b, 1]``, and needs no task ids.
+    """
     _check_unpacked(encoder_segment_ids=encoder_segment_ids,
                     decoder_segment_ids=decoder_segment_ids, decoder_positions=decoder_positions)
     dtype = self.config.dtype
-    decoder_mask = layers.make_decoder_mask(decoder_target_tokens, dtype)
-    cross_mask = layers.make_attention_mask(decoder_target_tokens > 0, encoder_input_tokens > 0,
-                                            dtype)
-    routing = routing or self.routing(task_ids, not enable_dropout)
+    # Decoding attends to every position written so far: generated tokens are never padding.
+    query_valid = jnp.ones_like(decoder_target_tokens, bool) if decode else decoder_target_tokens > 0
+    decoder_mask = None if decode else layers.make_decoder_mask(decoder_target_tokens, dtype)
+    cross_mask = layers.make_attention_mask(query_valid, encoder_input_tokens > 0, dtype)
+    routing = (routing or self.routing(task_ids, not enable_dropout)).replace(decode=decode)
     return self.decoder(encoded, decoder_input_tokens, decoder_mask, cross_mask, routing,
-                        not enable_dropout)
+                        not enable_dropout, decode, max_decode_length)
 
   def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
                encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
