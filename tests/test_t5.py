@@ -17,7 +17,7 @@ from tensorpoly_jax.t5 import convert, scoring
 from tensorpoly_jax.t5.seq2seq import Seq2SeqModel
 from tensorpoly_jax.t5.model import (PRESETS, EncoderDecoder, is_adapter_path, merge_params,
                                      preset, split_params)
-from tests.small_adapters import small_adapter
+from tests.small_adapters import random_adapter, small_adapter
 
 TINY_HF = dict(vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3,
                num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
@@ -127,9 +127,8 @@ def test_zero_b_adapters_leave_logits_unchanged(method, tmp_path):
 @pytest.mark.parametrize("method", ["tlora", "tensorpoly_i", "tensorpoly_ii"])
 def test_gradients_reach_only_adapter_and_router(method, tmp_path):
   adapter = small_adapter(method, lora_rank=2, n_tasks=3, skills=2, order=2)
-  config, params = converted_tiny(tmp_path, adapter)
-  params = with_adapter(config, params)
-  adapter_params, backbone = split_params(params)
+  config, backbone = converted_tiny(tmp_path, adapter)
+  adapter_params = random_adapter(config)
   inputs, targets = random_batch()
   model = EncoderDecoder(config)
 
@@ -139,7 +138,7 @@ def test_gradients_reach_only_adapter_and_router(method, tmp_path):
                          task_ids=jnp.array([0, 1, 2]))
     return -scoring.token_log_likelihoods(logits, targets).sum()
 
-  grads = jax.grad(loss)(adapter_params, backbone)
+  grads = jax.jit(jax.grad(loss))(adapter_params, backbone)
   flat = traverse_util.flatten_dict(grads)
   assert flat and all(is_adapter_path(path) for path in flat)
   # 4 attention projections x (2 enc + 3 dec self + 3 cross) layers + 3 FFN kernels x 5 layers
@@ -160,18 +159,20 @@ def test_shared_router_is_one_router_for_all_layers(tmp_path):
 
 
 def test_reused_encoder_scoring_equals_pairwise(tmp_path):
-  config, params = converted_tiny(tmp_path, TensorPolyIIConfig(lora_rank=2, n_tasks=3))
-  params = with_adapter(config, params)
+  config, backbone = converted_tiny(tmp_path, TensorPolyIIConfig(lora_rank=2, n_tasks=3))
+  params = merge_params(random_adapter(config), backbone)
   variables, model = {"params": params}, EncoderDecoder(config)
+  score_pairs = jax.jit(scoring.score_pairs, static_argnums=(0, 5))
   inputs, _ = random_batch()
   rng = np.random.default_rng(1)
   choices = rng.integers(2, 97, size=(3, 4, 5))
   choices[:, 1, 3:] = 0  # choices of different lengths
   task_ids = jnp.array([2, 0, 1])
   for normalize in (True, False):
-    reused = Seq2SeqModel(model).score_choices(params, inputs, choices, task_ids, normalize)
+    reused = jax.jit(Seq2SeqModel(model).score_choices, static_argnums=4)(
+        params, inputs, choices, task_ids, normalize)
     for c in range(4):
-      pairwise = scoring.score_pairs(model, variables, inputs, choices[:, c], task_ids, normalize)
+      pairwise = score_pairs(model, variables, inputs, choices[:, c], task_ids, normalize)
       np.testing.assert_allclose(reused[:, c], pairwise, rtol=1e-5, atol=1e-5)
 
 
