@@ -141,10 +141,10 @@ class Generated:
 
 
 def generate(module: EncoderDecoder, params, encoder_tokens, task_ids=None,
-             config: DecodeConfig = DecodeConfig()) -> Generated:
+             config: DecodeConfig = DecodeConfig(), rng=None) -> Generated:
   """Decodes ``encoder_tokens: [b, l]`` (0 = padding) for tasks ``task_ids: [b]``; jit it with
   ``config`` static. ``params`` placed on a mesh and a batch sharded over ``data`` keep the
-  decoding data-parallel."""
+  decoding data-parallel. Sampling draws from ``rng`` (default: ``PRNGKey(config.seed)``)."""
   encoded = module.apply({"params": params}, encoder_tokens, enable_dropout=False,
                          task_ids=task_ids, method=EncoderDecoder.encode)
   beams = config.num_beams if config.method == "beam" else 1
@@ -154,15 +154,15 @@ def generate(module: EncoderDecoder, params, encoder_tokens, task_ids=None,
                      config.max_decode_length)
   if config.method == "beam":
     return beam_search(steps, encoder_tokens.shape[0], config)
-  return _one_path(steps, encoder_tokens.shape[0], config)
+  return _one_path(steps, encoder_tokens.shape[0], config,
+                   jax.random.PRNGKey(config.seed) if rng is None else rng)
 
 
-def _choose(config: DecodeConfig):
-  """``(log_probs [n, V], t) -> tokens [n]``: the argmax, or a draw at ``temperature`` from the
-  ``top_k`` most likely tokens."""
+def _choose(config: DecodeConfig, key):
+  """``(log_probs [n, V], t) -> tokens [n]``: the argmax, or a draw with ``key`` at
+  ``temperature`` from the ``top_k`` most likely tokens."""
   if config.method == "greedy":
     return lambda log_probs, t: jnp.argmax(log_probs, axis=-1)
-  key = jax.random.PRNGKey(config.seed)
 
   def sample(log_probs, t):
     logits = log_probs / config.temperature
@@ -174,9 +174,9 @@ def _choose(config: DecodeConfig):
   return sample
 
 
-def _one_path(steps: Steps, batch: int, config: DecodeConfig) -> Generated:
+def _one_path(steps: Steps, batch: int, config: DecodeConfig, key) -> Generated:
   """Greedy or sampled decoding: one token per row and step until every row has its EOS."""
-  length, choose = config.max_decode_length, _choose(config)
+  length, choose = config.max_decode_length, _choose(config, key)
 
   def running(state):
     t, _, finished, _, _ = state

@@ -18,7 +18,7 @@ import os
 import jax
 import numpy as np
 
-from tensorpoly_jax import console, decoding, partitioning
+from tensorpoly_jax import console, decoding, evaluation, partitioning
 from tensorpoly_jax.t5 import convert
 from tensorpoly_jax.t5.model import EncoderDecoder
 from tensorpoly_jax.t5.seq2seq import Seq2SeqModel
@@ -44,6 +44,9 @@ class TaskRouting:
   def task_id(self, request: dict, number: int) -> int | None:
     if "task" in request and "task_id" in request:
       raise RequestError(f"line {number}: give \"task\" or \"task_id\", not both.")
+    if not self.n_tasks and ("task" in request or "task_id" in request):
+      raise RequestError(f"line {number}: names a task, but the model does not route by task"
+                         " (no --adapter_dir, or an unrouted LoRA/TLoRA one); drop it.")
     if "task" in request:
       if request["task"] not in self.names:
         known = ", ".join(sorted(self.names)) or "none"
@@ -53,9 +56,6 @@ class TaskRouting:
     else:
       task_id = request.get("task_id", self.default)
     if not self.n_tasks:
-      if task_id is not None and ("task" in request or "task_id" in request):
-        raise RequestError(f"line {number}: names a task, but the model does not route by task"
-                           " (no --adapter_dir, or an unrouted LoRA/TLoRA one); drop it.")
       return None
     if task_id is None:
       raise RequestError(f"line {number}: the adapter routes by task: add \"task\" (one of"
@@ -71,13 +71,15 @@ class Request:
   """One parsed line: ``input_ids``, its routing ``task_id`` and its tokenized ``choices``."""
 
   line: dict
+  number: int  # its line in the input file, from 1
   input_ids: tuple[int, ...]
   task_id: int | None
   choices: tuple[tuple[int, ...], ...] | None
 
 
-def parse_request(text: str, number: int, vocabulary, routing: TaskRouting) -> Request:
-  """Line ``number`` (from 1) of the input file, checked."""
+def parse_request(text: str, number: int, vocabulary, routing: TaskRouting,
+                  vocab_size: int) -> Request:
+  """Line ``number`` (from 1) of the input file, checked (token ids below ``vocab_size``)."""
   try:
     line = json.loads(text)
   except json.JSONDecodeError as err:
@@ -93,14 +95,14 @@ def parse_request(text: str, number: int, vocabulary, routing: TaskRouting) -> R
   if "inputs" in line:
     input_ids = (*_encode(vocabulary, line["inputs"], number, "inputs"), decoding.EOS_ID)
   else:
-    input_ids = _token_ids(line["input_ids"], number)
+    input_ids = _token_ids(line["input_ids"], number, vocab_size)
   choices = line.get("choices")
   if choices is not None:
     if not isinstance(choices, list) or not choices:
       raise RequestError(f"line {number}: \"choices\" must be a non-empty list of texts.")
     choices = tuple((*_encode(vocabulary, c, number, "choices"), decoding.EOS_ID)
                     for c in choices)
-  return Request(line, input_ids, routing.task_id(line, number), choices)
+  return Request(line, number, input_ids, routing.task_id(line, number), choices)
 
 
 def _encode(vocabulary, text, number: int, field: str) -> tuple[int, ...]:
@@ -113,10 +115,11 @@ def _encode(vocabulary, text, number: int, field: str) -> tuple[int, ...]:
   return tuple(int(i) for i in vocabulary.encode(text))
 
 
-def _token_ids(ids, number: int) -> tuple[int, ...]:
-  if (not isinstance(ids, list) or not ids
-      or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
-    raise RequestError(f"line {number}: \"input_ids\" must be a non-empty list of token ids >= 0.")
+def _token_ids(ids, number: int, vocab_size: int) -> tuple[int, ...]:
+  if (not isinstance(ids, list) or not ids or not all(
+      isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids)):
+    raise RequestError(f"line {number}: \"input_ids\" must be a non-empty list of token ids in"
+                       f" [0, {vocab_size}), the model's vocabulary.")
   return tuple(ids)
 
 
@@ -138,21 +141,23 @@ def completed_lines(output_file: str, requests: list[Request]) -> int:
   with open(output_file, "rb") as f:
     data = f.read()
   complete = data[:data.rfind(b"\n") + 1]
-  if len(complete) < len(data):
-    with open(output_file, "wb") as f:  # the run stopped mid-line: the line is redone
-      f.write(complete)
   lines = complete.decode().splitlines()
+  if len(lines) > len(requests):
+    raise ValueError(f"{output_file} has {len(lines)} lines for {len(requests)} requests: it is"
+                     " another input's output. Remove it or choose another --output_file.")
   for number, (text, request) in enumerate(zip(lines, requests), 1):
     try:
       answered = json.loads(text)
     except json.JSONDecodeError:
       answered = None
-    if not isinstance(answered, dict) or any(answered.get(k) != v for k, v in request.line.items()):
-      raise ValueError(f"{output_file} line {number} does not answer input line {number}: it is"
-                       " another input's output. Remove it or choose another --output_file.")
-  if len(lines) > len(requests):
-    raise ValueError(f"{output_file} has {len(lines)} lines for {len(requests)} requests: it is"
-                     " another input's output. Remove it or choose another --output_file.")
+    if (not isinstance(answered, dict) or "prediction_ids" not in answered
+        or any(answered.get(k) != v for k, v in request.line.items())):
+      raise ValueError(f"{output_file} line {number} is not the answer to the request on input"
+                       f" line {request.number}: it is another input's output (or the input"
+                       " itself). Remove it or choose another --output_file.")
+  if len(complete) < len(data):
+    with open(output_file, "wb") as f:  # the run stopped mid-line: the line is redone
+      f.write(complete)
   return len(lines)
 
 
@@ -180,6 +185,12 @@ class Server:
     if batch_size % data:
       raise ValueError(f"BATCH_SIZE={batch_size} must be divisible by the mesh's data axis"
                        f" ({data}); bind a multiple of {data}: --gin.BATCH_SIZE=N.")
+    self.vocab_size = module.config.vocab_size
+    widest = max(decode_config.top_k, 2 * decode_config.num_beams if decode_config.method == "beam"
+                 else 0)
+    if widest > self.vocab_size:
+      raise ValueError(f"TOP_K={decode_config.top_k} / NUM_BEAMS={decode_config.num_beams} ask for"
+                       f" more tokens ({widest}) than the vocabulary has ({self.vocab_size}).")
     self.params, self.mesh = params, mesh
     self.batch_size, self.inputs_length = batch_size, inputs_length
     self.decode_config = decode_config
@@ -212,13 +223,15 @@ class Server:
       sharding = partitioning.batch_sharding(self.mesh)
       placed = jax.device_put((tokens, task_ids), sharding)
       lines = (self._scored(placed, rows, vocabulary) if scored
-               else self._generated(placed, vocabulary))
+               else self._generated(placed, vocabulary, batch[0].number))
       for i, line in zip(index, lines):
         answers[i] = {**requests[i].line, **line}
     return answers
 
-  def _generated(self, placed, vocabulary) -> list[dict]:
-    generated = self._generate(self.params, *placed)
+  def _generated(self, placed, vocabulary, first: int) -> list[dict]:
+    # Sampling draws per request: a resumed file samples what an uninterrupted run would.
+    rng = jax.random.fold_in(jax.random.PRNGKey(self.decode_config.seed), first)
+    generated = self._generate(self.params, *placed, rng=rng)
     return [_prediction(ids, vocabulary, self.decode_config.eos_id)
             for ids in np.asarray(generated.tokens)]
 
@@ -231,6 +244,7 @@ class Server:
     scores = np.asarray(self._score(
         self.params, placed[0], jax.device_put(choice_tokens, partitioning.batch_sharding(
             self.mesh)), placed[1]))
+    evaluation.check_finite(scores, choice_tokens, rows[0].number, rows[0].task_id)
     lines = []
     for request, row in zip(rows, scores):
       own = row[:len(request.choices)]
@@ -257,13 +271,23 @@ def serve_file(server: Server, input_file: str, output_file: str, vocabulary,
   batch, by the first process only); returns the number of requests answered now."""
   with open(input_file) as f:
     texts = [(n, t) for n, t in enumerate(f.read().splitlines(), 1) if t.strip()]
-  requests = [parse_request(text, number, vocabulary, routing) for number, text in texts]
+  requests = [parse_request(text, number, vocabulary, routing, server.vocab_size)
+              for number, text in texts]
   cut = sum(len(r.input_ids) > server.inputs_length for r in requests)
   if cut:
     console.say(f"infer: {cut} request(s) longer than INPUTS_LENGTH={server.inputs_length}"
                 " tokens are cut to it (--gin.INPUTS_LENGTH=N keeps more).")
-  done = completed_lines(output_file, requests) if jax.process_index() == 0 else 0
-  done = int(_agreed(done))
+  refused, done = None, 0
+  if jax.process_index() == 0:
+    try:
+      done = completed_lines(output_file, requests)
+    except ValueError as err:
+      refused, done = err, -1
+  done = int(_agreed(done))  # -1: process 0 refused the output file; every process stops
+  if refused is not None:
+    raise refused
+  if done < 0:
+    raise ValueError(f"process 0 refused --output_file={output_file} (its error says why).")
   if done:
     console.say(f"infer: {output_file} already answers {done} of {len(requests)} requests;"
                 " resuming after them.")

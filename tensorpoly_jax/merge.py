@@ -65,6 +65,10 @@ def merge(backbone_dir: str, adapter_dir: str, output_dir: str, task_id: int | N
   for ``T5ForConditionalGeneration`` (``hf``); ``spiece.model`` is copied where there is one."""
   if output_format not in FORMATS:
     raise ValueError(f"--format={output_format!r} is unknown; choose one of {FORMATS}.")
+  output = paths.resolve(output_dir)
+  if output.exists() and any(output.iterdir()):
+    raise ValueError(f"--output_dir={output_dir} is not empty; merge writes a new folder"
+                     " (and never over a backbone): remove it or choose another.")
   adapter_params, meta = checkpoints.load_adapter(adapter_dir)
   task_id = merge_task(from_dict(meta["adapter"]), meta, task_id)
   config, params = convert.load_converted(backbone_dir)

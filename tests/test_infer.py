@@ -91,8 +91,16 @@ def test_a_torn_output_is_resumed_and_another_inputs_output_refused(served, tmp_
   assert infer(root, REQUESTS, output, "--gin.BATCH_SIZE=2") == 0
   assert "already answers 1 of 4 requests" in capsys.readouterr().out
   assert output.read_text() == whole
-  with pytest.raises(ValueError, match="line 1 does not answer input line 1"):
+  with pytest.raises(ValueError, match="line 1 is not the answer to the request on input line 1"):
+    infer(root, REQUESTS[::-1], output)
+  with pytest.raises(ValueError, match="has 4 lines for 3 requests"):
     infer(root, REQUESTS[1:], output)
+  requests = root / "requests.jsonl"  # the input named as the output: refused, left as it is
+  before = requests.read_text()
+  with pytest.raises(ValueError, match="or the input itself"):
+    cli.main(["infer", f"--backbone_dir={root / 'backbone'}", f"--adapter_dir={root / 'adapter'}",
+              f"--input_file={requests}", f"--output_file={requests}"])
+  assert requests.read_text() == before
 
 
 @pytest.mark.parametrize("request_line,message", [
@@ -102,6 +110,7 @@ def test_a_torn_output_is_resumed_and_another_inputs_output_refused(served, tmp_
     ({"input_ids": [3, 1], "task_id": 3}, r"task_id=3 is outside the router's \[0, 3\)"),
     ({"inputs": "x", "input_ids": [3], "task_id": 0}, "exactly one"),
     ({"input_ids": [3, 1], "task_id": 0, "prediction": "y"}, "already has the output field"),
+    ({"input_ids": [3, 97], "task_id": 0}, r"token ids in \[0, 97\), the model's vocabulary"),
 ])
 def test_bad_request_lines_are_named(served, tmp_path, request_line, message):
   root, _, _ = served

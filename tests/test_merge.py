@@ -111,6 +111,8 @@ def test_merge_command_writes_a_backbone_in_the_sources_layout(backbone, tmp_pat
   adapter_dir = export(tmp_path, backbone_dir, config, adapter_params, task_id=2)
   argv = ["merge", f"--backbone_dir={backbone_dir}", f"--adapter_dir={adapter_dir}"]
   assert cli.main([*argv, f"--output_dir={out}"]) == 0
+  with pytest.raises(ValueError, match="is not empty"):  # never over a folder it wrote
+    cli.main([*argv, f"--output_dir={out}"])
   assert f"wrote {out}" in capsys.readouterr().out
 
   assert convert.converted_config(out).scan_layers

@@ -173,8 +173,9 @@ class MultiHeadDotProductAttention(nn.Module):
   """T5 attention: no 1/sqrt(d) on logits (folded into the query init), additive mask bias.
 
   With ``decode``, keys and values live in the ``cache`` collection (T5X's pattern): the call that
-  creates the cache sizes it (``cache_length``, else the inputs' length) and returns what a plain
-  call does; each later call takes one token, writes its key and value at ``cache_index`` and
+  creates the cache sizes it (``cache_length``, else the inputs' length), writes nothing, and
+  attends within its inputs under the ``mask`` given (decoding passes none: that call's outputs
+  are not used); each later call takes one token, writes its key and value at ``cache_index`` and
   attends to the positions written so far, with row ``cache_index`` of ``bias``. Cross-attention
   (``cross_attention``) caches the projected encoder output whole on the first call instead.
   """
@@ -196,8 +197,10 @@ class MultiHeadDotProductAttention(nn.Module):
                       dtype=self.dtype, adapter=self.adapter)
     query = _dense(routing, deterministic, name="query",
                    kernel_init=lambda *a: self.kernel_init(*a) / depth_scaling, **projection)(inputs_q)
-    project = lambda name: _dense(routing, deterministic, name=name, kernel_init=self.kernel_init,
-                                  **projection)(inputs_kv)
+    # The encoder output's keys and values are projected once: their adapters keep no factors.
+    kv_routing = routing.replace(decode=False) if routing and self.cross_attention else routing
+    project = lambda name: _dense(kv_routing, deterministic, name=name,
+                                  kernel_init=self.kernel_init, **projection)(inputs_kv)
     if decode and self.cross_attention:
       key, value = (partitioning.variable_with_axes("cache", f"cached_{name}", project, name,
                                                     axes=CACHE_AXES).value
@@ -240,7 +243,7 @@ class MultiHeadDotProductAttention(nn.Module):
     cached_key.value = lax.dynamic_update_slice(cached_key.value, key, (0, index, 0, 0))
     cached_value.value = lax.dynamic_update_slice(cached_value.value, value, (0, index, 0, 0))
     cache_index.value = index + 1
-    written = (jnp.arange(length) <= index)[None, None, None, :]
+    written = (jnp.arange(cached_key.value.shape[1]) <= index)[None, None, None, :]
     mask = written if mask is None else written & (mask > 0)
     if bias is not None:
       bias = lax.dynamic_slice_in_dim(bias, index, 1, axis=-2)
