@@ -18,7 +18,7 @@ import os
 import jax
 import numpy as np
 
-from tensorpoly_jax import console, decoding, evaluation, partitioning
+from tensorpoly_jax import console, decoding, evaluation, partitioning, paths
 from tensorpoly_jax.t5 import convert
 from tensorpoly_jax.t5.model import EncoderDecoder
 from tensorpoly_jax.t5.seq2seq import Seq2SeqModel
@@ -155,9 +155,8 @@ def completed_lines(output_file: str, requests: list[Request]) -> int:
       raise ValueError(f"{output_file} line {number} is not the answer to the request on input"
                        f" line {request.number}: it is another input's output (or the input"
                        " itself). Remove it or choose another --output_file.")
-  if len(complete) < len(data):
-    with open(output_file, "wb") as f:  # the run stopped mid-line: the line is redone
-      f.write(complete)
+  if len(complete) < len(data):  # the run stopped mid-line: the line is redone
+    paths.atomic_write(output_file, complete)
   return len(lines)
 
 
