@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import numpy as np
 
@@ -239,7 +238,8 @@ def convert(checkpoint_dir: str, output_dir: str, dtype: str = "float32",
   written = [t5_convert.CONVERTED_CONFIG, f"{t5_convert.CONVERTED_PARAMS}/"]
   vocabulary = os.path.join(checkpoint_dir, t5_convert.VOCABULARY_FILE)
   if os.path.isfile(vocabulary):  # `tensorpoly infer` encodes text requests with it
-    shutil.copyfile(vocabulary, os.path.join(output_dir, t5_convert.VOCABULARY_FILE))
+    with open(vocabulary, "rb") as f:
+      paths.atomic_write(os.path.join(output_dir, t5_convert.VOCABULARY_FILE), f.read())
     written.append(t5_convert.VOCABULARY_FILE)
   print(f"wrote {output_dir} ({', '.join(written)})")
 
