@@ -48,3 +48,22 @@ def random_adapter(config, seed=0) -> dict:
 
   shapes = split_params(abstract_variables(EncoderDecoder(config))["params"])[0]
   return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def random_model_params(config, seed=0) -> dict:
+  """Every param of ``config``'s model drawn in numpy from its abstract shapes: the backbone's
+  kernels and embeddings at unit-variance outputs, norm scales near 1, and ``random_adapter``'s
+  adapter params (jitting the model's init instead costs seconds of XLA compile per model)."""
+  from tensorpoly_jax.t5.model import EncoderDecoder, abstract_variables, merge_params, split_params
+
+  rng = np.random.default_rng(seed + 1)
+
+  def draw(path, shape):
+    name, shape = jax.tree_util.keystr(path), shape.shape
+    if "scale" in name:
+      return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    fan_in = shape[-2] if "kernel" in name and len(shape) >= 2 else 1
+    return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+
+  backbone = split_params(abstract_variables(EncoderDecoder(config))["params"])[1]
+  return merge_params(random_adapter(config, seed), jax.tree_util.tree_map_with_path(draw, backbone))

@@ -271,6 +271,29 @@ def test_cached_tokenization_leaves_the_mixture_stream_unchanged(two_tasks):
     np.testing.assert_array_equal(cached[key], uncached[key], err_msg=key)
 
 
+def test_a_users_task_that_branches_on_tensors_keeps_autograph_in_a_mixture_with_ours(two_tasks):
+  """Our tasks' maps are traced without AutoGraph; a user's preprocessor with a Python ``if`` on a
+  tensor needs it, and gets it, also in a mixture with our tasks."""
+  import tensorflow as tf
+
+  @seqio.map_over_dataset
+  def mark_long_inputs(ex):
+    if tf.size(ex["inputs"]) > 3:  # AutoGraph turns this into a tf.cond
+      return {**ex, "targets": ex["targets"][:1]}
+    return ex
+
+  seqio.TaskRegistry.add("test_branching", tasks.examples_source(tasks.task_info("test_b")),
+                         output_features=tasks.output_features(two_tasks),
+                         preprocessors=[seqio.preprocessors.tokenize, mark_long_inputs,
+                                        seqio.preprocessors.append_eos])
+  tasks.add_mixture("test_a_branching", [("test_a", 1.0), ("test_branching", 1.0)])
+  batch = next(tasks.get_dataset("test_a_branching", 16, 8, seed=0).batch(80).as_numpy_iterator())
+  assert set(batch["task_id"][:, 0]) == {0, 1}
+  with pytest.raises(tf.errors.OperatorNotAllowedInGraphError):  # the branch needs AutoGraph
+    with tasks._autograph_for(seqio.get_mixture_or_task("test_a")):
+      seqio.get_mixture_or_task("test_branching").get_dataset({"inputs": 16, "targets": 8})
+
+
 def test_unknown_name_lists_close_names(two_tasks):
   with pytest.raises(ValueError, match=r"unknown seqio task or mixture 'test_aa'.*'test_a'"):
     tasks.get_task_or_mixture("test_aa")

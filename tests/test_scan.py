@@ -10,8 +10,8 @@ from jax.sharding import PartitionSpec as P
 from tensorpoly_jax import checkpoints, partitioning, pipeline
 from tensorpoly_jax.adapters import LoRAConfig, MHRConfig, TensorPolyIIConfig
 from tensorpoly_jax.t5 import convert, layout
-from tensorpoly_jax.t5.model import (EncoderDecoder, RunOptions, abstract_variables, preset,
-                                     split_params)
+from tensorpoly_jax.t5.model import EncoderDecoder, RunOptions, abstract_variables, preset
+from tests.small_adapters import random_adapter, random_model_params
 
 ADAPTERS = [LoRAConfig(lora_rank=2),
             MHRConfig(lora_rank=2, n_tasks=3, n_skills=4, n_splits=2),
@@ -23,16 +23,6 @@ def _batch():
   inputs = jnp.asarray(rng.integers(2, 500, (3, 7)), jnp.int32)
   targets = jnp.asarray(rng.integers(2, 500, (3, 5)), jnp.int32)
   return inputs, targets, jnp.array([0, 2, 1])
-
-
-def _perturbed_params(model, inputs, targets, task_ids):
-  """Init params moved off their init (B = 0 would hide an adapter bug) by seeded noise."""
-  params = model.init(jax.random.PRNGKey(0), inputs, targets, targets, enable_dropout=False,
-                      task_ids=task_ids)["params"]
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-  return jax.tree_util.tree_unflatten(
-      treedef, [x + 0.02 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
 def _loss_and_grads(model, params, inputs, targets, task_ids):
@@ -52,7 +42,7 @@ def test_scanned_model_equals_per_layer_model(adapter, remat):
   config = preset("tiny", adapter=adapter)
   per_layer = EncoderDecoder(config)
   scanned = EncoderDecoder(config.replace(scan_layers=True, remat=remat))
-  params = _perturbed_params(per_layer, inputs, targets, task_ids)
+  params = random_model_params(config)
   stacked = layout.stack_layers(params)
   expected_shapes = jax.tree_util.tree_map(lambda v: v.shape, abstract_variables(scanned)["params"])
   assert jax.tree_util.tree_map(lambda v: v.shape, stacked) == expected_shapes
@@ -67,9 +57,8 @@ def test_scanned_model_equals_per_layer_model(adapter, remat):
 
 
 def test_layout_round_trip_and_logical_axes():
-  inputs, targets, task_ids = _batch()
   config = preset("tiny", adapter=ADAPTERS[2])
-  params = _perturbed_params(EncoderDecoder(config), inputs, targets, task_ids)
+  params = random_model_params(config)
   stacked = layout.stack_layers(params)
   assert layout.is_scanned(stacked) and not layout.is_scanned(params)
   assert layout.to_layout(stacked, True) is stacked
@@ -112,10 +101,8 @@ def test_converted_backbone_restores_onto_the_mesh_in_either_layout(tmp_path):
 
 
 def test_an_adapter_trained_scanned_is_exported_per_layer(tmp_path):
-  inputs, targets, task_ids = _batch()
   config = preset("tiny", adapter=ADAPTERS[1])
-  adapter_params = split_params(_perturbed_params(EncoderDecoder(config), inputs, targets,
-                                                  task_ids))[0]
+  adapter_params = random_adapter(config)
   export = checkpoints.export_adapter(str(tmp_path), "adapter",
                                       layout.stack_layers(adapter_params), {"stage": "test"})
   loaded, _ = checkpoints.load_adapter(export)
