@@ -38,11 +38,17 @@ def xavier_uniform(key, shape, dtype=jnp.float32):
 def low_rank_delta(x: jnp.ndarray, lora_a: jnp.ndarray, lora_b: jnp.ndarray) -> jnp.ndarray:
   """``(x A B) / r`` for ``x: [b, t, d]``, with A/B shared (``[d, r]``) or per example (``[b, d, r]``)."""
   rank = lora_a.shape[-1]
-  batched = "b" if lora_a.ndim == 3 else ""
   # Scaling the rank-sized hidden rather than the [b, t, d_out] delta keeps the scale off the
   # activation-sized tensor (forward and backward).
-  hidden = jnp.einsum(f"btd,{batched}dr->btr", x, lora_a) / rank
-  return jnp.einsum(f"btr,{batched}re->bte", hidden, lora_b)
+  if lora_a.ndim == 2:
+    # Shared factors contract [b·t, d] tokens as one matrix: XLA:CPU runs the 3-D "btd,dr" and
+    # its weight gradient (a contraction over both b and t) at about half the speed (one LoRA
+    # layer's step, T5-small's FFN shape: 1.6x the frozen layer's time 3-D, 1.15x flat).
+    tokens = x.reshape(-1, x.shape[-1])
+    hidden = (tokens @ lora_a) / rank
+    return (hidden @ lora_b).reshape(*x.shape[:-1], lora_b.shape[-1])
+  hidden = jnp.einsum("btd,bdr->btr", x, lora_a) / rank
+  return jnp.einsum("btr,bre->bte", hidden, lora_b)
 
 
 class Adapter(nn.Module):
