@@ -18,11 +18,13 @@ from flax import traverse_util
 from flax.core import unfreeze
 from jax.experimental import multihost_utils
 
-from tensorpoly_jax import distributed, paths
+from tensorpoly_jax import adaptation, distributed, paths
 from tensorpoly_jax.t5 import layout
 
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_META = "adapter_config.json"
+# Meta of an export that holds router rows only: the export they extend (``export_router_rows``).
+BASE_ADAPTER = "base_adapter"
 # Meta fields that must agree between a checkpoint and the run that resumes from it.
 MATCHED_FIELDS = ("model", "adapter", "routing_ids", "stage", "train", "backbone")
 # The train settings a resumed run may change when it asks for a new schedule.
@@ -266,8 +268,44 @@ def export_fingerprint(directory: str) -> str:
   return digest.hexdigest()[:16]
 
 
+def export_router_rows(model_dir: str, name: str, rows, meta: dict, base_dir: str) -> str:
+  """An export of new tasks' router rows only (kilobytes), which ``load_adapter`` appends to the
+  export at ``base_dir``; it records that export's path and fingerprint, and refuses to load once
+  the base is retrained or gone."""
+  base = {"path": str(base_dir) if paths.is_remote(base_dir) else os.path.abspath(base_dir),
+          "fingerprint": export_fingerprint(base_dir)}
+  return export_adapter(model_dir, name, rows, {**meta, BASE_ADAPTER: base})
+
+
 def load_adapter(directory: str) -> tuple[dict, dict]:
-  """``(adapter params, meta)`` written by ``export_adapter`` (per-layer layout, host arrays)."""
+  """``(adapter params, meta)`` written by ``export_adapter`` (per-layer layout, host arrays); a
+  router-rows export comes back with its rows appended to its base export's params."""
+  params, meta = read_export(directory)
+  base = meta.get(BASE_ADAPTER)
+  if base is None:
+    return params, meta
+  check_base(directory, base)
+  base_params, _ = load_adapter(base["path"])
+  return adaptation.append_rows(base_params, params), meta
+
+
+def check_base(directory: str, base: dict) -> None:
+  """Refuses a router-rows export whose base export (``meta[BASE_ADAPTER]``) is gone or was
+  rewritten since: its rows were trained with the base's params as they were."""
+  where = base["path"]
+  if not (paths.resolve(where) / ADAPTER_META).exists():
+    raise FileNotFoundError(
+        f"{directory} holds router rows for the adapter export {where}, which is gone: put that"
+        " export back where it was, or adapt again from where it is now.")
+  if export_fingerprint(where) != base["fingerprint"]:
+    raise CheckpointMismatchError(
+        f"{directory} holds router rows for the adapter export {where} as it was (fingerprint"
+        f" {base['fingerprint']}), but it was since rewritten ({export_fingerprint(where)}):"
+        " adapt again from the export as it is now.")
+
+
+def read_export(directory: str) -> tuple[dict, dict]:
+  """``(params, meta)`` as an export's files hold them (a router-rows export: its rows only)."""
   from safetensors.numpy import load
 
   directory = paths.resolve(directory)

@@ -7,8 +7,8 @@ import os
 
 import numpy as np
 
-from tensorpoly_jax import (aot, checkpoints, console, decoding, evaluation, inference,
-                            partitioning, paths, peft_bridge, pipeline, records)
+from tensorpoly_jax import (adaptation, aot, checkpoints, console, decoding, evaluation,
+                            inference, partitioning, paths, peft_bridge, pipeline, records)
 from tensorpoly_jax import merge as merging
 from tensorpoly_jax.data import check, choices, fewshot, tasks
 from tensorpoly_jax.methods import AdapterConfig
@@ -114,25 +114,31 @@ def check_heldout(heldout, shots: int | None, seeds=(0,)) -> list[str]:
 def adapt(model_dir: str, backbone_dir: str, adapter_dir: str, heldout, train_config: TrainConfig,
           shots: int | None = None, seeds=(0, 1, 32, 42, 1024), options: RunOptions | None = None,
           length_normalize: bool = True, eval_batch_size: int = 32,
-          eval_split: str = "validation") -> dict:
-  """Few-shot adaptation of every held-out task for every seed, then its ``eval_split``; the
+          eval_split: str = "validation", mode: str = "full", arrow_top_k: int = 4) -> dict:
+  """Adaptation of every held-out task for every seed in ``mode`` (``adaptation``: few-shot
+  training of the adapter or of a router row, or zero-shot routing), then its ``eval_split``; the
   backbone is loaded onto the mesh once and shared by every task x seed. ``shots=None`` gives
   each task its suite's k (T-Few's per-task k on T0).
 
   Writes ``model_dir/adapt_results.json`` from every run's record (``pipeline.adapt_heldout``):
-  accuracy per task and seed, seed summaries, and the runs that did not finish, which it then
-  raises naming (``records.raise_unfinished``); a rerun redoes only those."""
+  accuracy per task and seed, seed summaries, the exports that serve every adapted task at once
+  (modes other than ``full``), and the runs that did not finish, which it then raises naming
+  (``records.raise_unfinished``); a rerun redoes only those."""
+  if mode not in adaptation.MODES:
+    raise ValueError(f"ADAPT_MODE={mode!r} is unknown; choose one of {adaptation.MODES}.")
   names = check_heldout(heldout, shots, seeds)
   backbone = pipeline.load_backbone(backbone_dir, options or RunOptions(),
                                     train_config.make_mesh())
   results = pipeline.adapt_heldout(model_dir, backbone, adapter_dir, names, shots, seeds,
-                                   train_config, eval_batch_size, length_normalize, eval_split)
+                                   train_config, eval_batch_size, length_normalize, eval_split,
+                                   mode, arrow_top_k)
   summary = {task: evaluation.summarize(list(by_seed.values()))
              for task, by_seed in results.accuracy.items()}
   medians = [s["median"] for s in summary.values()]
   payload = {"split": eval_split, "shots": results.shots, "accuracy": results.accuracy,
              "summary": summary, "mean_of_medians": float(np.mean(medians)) if medians else None,
              "adaptation_params": results.adaptation_params, "unfinished": results.unfinished,
+             "adapt_mode": mode, "exports": results.exports,
              "identity": {**results.identity, "train": train_config.identity()}}
   paths.write_json(os.path.join(model_dir, "adapt_results.json"), payload)
   records.raise_unfinished(results.unfinished)
@@ -170,13 +176,14 @@ def evaluate(model_dir: str, backbone_dir: str, heldout, adapter_dir: str | None
   backbone = pipeline.load_backbone(backbone_dir, options or RunOptions(),
                                     partitioning.make_mesh(model_parallel))
   config, params, meta = pipeline.with_adapter(backbone, adapter_dir)
-  task_id, seed = meta.get("task_id"), meta.get("seed", seed)
+  seed = meta.get("seed", seed)
   scorer = evaluation.Scorer(EncoderDecoder(config), backbone.mesh, length_normalize)
   results, predictions, names = {}, [], task_list(heldout)
   width = choices.choice_width(names, split, inputs_length, targets_length)  # one compile
   for task in names:
-    evaluated = pipeline.evaluate_task(scorer, params, task, task_id, inputs_length,
-                                       targets_length, split, batch_size, seed, width)
+    evaluated = pipeline.evaluate_task(scorer, params, task, routing_id(config, meta, task),
+                                       inputs_length, targets_length, split, batch_size, seed,
+                                       width)
     results[task] = evaluated.accuracy
     predictions += evaluated.lines(task)
     console.say(f"eval {task}: accuracy {results[task]:.4f} on {split}")
@@ -189,6 +196,16 @@ def evaluate(model_dir: str, backbone_dir: str, heldout, adapter_dir: str | None
 
 
 EVAL_PREDICTIONS = "eval_predictions.jsonl"
+
+
+def routing_id(config: T5Config, meta: dict, task: str) -> int | None:
+  """The task id ``task`` is routed with: an adapted export's own task's, else the task's id in
+  the export's routing map (a multi-task export serves each of its tasks), else none."""
+  if config.adapter is None or not config.adapter.routes_by_task:
+    return None
+  if meta.get("task_id") is not None:
+    return meta["task_id"]
+  return meta.get("routing_ids", {}).get(task)
 
 
 def infer(backbone_dir: str, input_file: str, output_file: str, adapter_dir: str | None = None,
@@ -205,7 +222,7 @@ def infer(backbone_dir: str, input_file: str, output_file: str, adapter_dir: str
   backbone = pipeline.load_backbone(backbone_dir, options or RunOptions(),
                                     partitioning.make_mesh(model_parallel))
   config, params, meta = pipeline.with_adapter(backbone, adapter_dir)
-  routed = config.adapter is not None and config.adapter.routed
+  routed = config.adapter is not None and config.adapter.routes_by_task
   routing = inference.TaskRouting(meta.get("routing_ids", {}),
                                   config.adapter.n_tasks if routed else 0, meta.get("task_id"))
   if vocabulary_dir is not None and not os.path.isfile(

@@ -71,6 +71,11 @@ class AdapterConfig:
     """The export schema: ``{"method": name, **fields}``."""
     return {"method": self.method, **dataclasses.asdict(self)}
 
+  @property
+  def routes_by_task(self) -> bool:
+    """Whether its layers take task ids (a task router; not Arrow's per-token routing)."""
+    return False
+
   def with_tasks(self, n_tasks: int) -> "AdapterConfig":
     """The config whose router knows ``n_tasks`` tasks (unchanged for unrouted methods)."""
     return self
@@ -131,17 +136,26 @@ class AdapterConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RoutedConfig(AdapterConfig):
   """A method that a task router mixes per example: ``n_tasks`` rows of routing logits, one
-  router per layer or, with ``shared_router``, one for the whole model."""
+  router per layer or, with ``shared_router``, one for the whole model. ``arrow_top_k > 0``
+  routes each token to that many skills by Arrow's prototypes instead (``arrow``; no task ids)."""
 
   routed: ClassVar[bool] = True
 
   n_tasks: int = 1
   relaxed_bernoulli: bool = False
   shared_router: bool = False
+  arrow_top_k: int = 0
 
   def __post_init__(self):
     super().__post_init__()
     ent.check_positive(n_tasks=self.n_tasks)
+    if not 0 <= self.arrow_top_k <= self.routed_skills:
+      raise ValueError(f"arrow_top_k={self.arrow_top_k} must be in [0, {self.routed_skills}]"
+                       f" (0: route by task; else at most the {self.method} adapter's skills).")
+
+  @property
+  def routes_by_task(self) -> bool:
+    return not self.arrow_top_k
 
   def with_tasks(self, n_tasks: int) -> "RoutedConfig":
     return dataclasses.replace(self, n_tasks=n_tasks)

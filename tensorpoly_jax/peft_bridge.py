@@ -86,6 +86,11 @@ def export_task(adapter: AdapterConfig, meta: dict, task_id: int | None) -> int 
   routed multi-task export given none."""
   if not adapter.routed:
     return 0
+  if not adapter.routes_by_task:
+    raise TaskIdError(
+        f"this {adapter.method} export routes each token to its {adapter.arrow_top_k} skills by"
+        " Arrow's prototypes: no one task's LoRA exists to export or merge. Use the pretrained"
+        " export with --task_id, or an export adapted in another ADAPT_MODE.")
   task_id = meta.get("task_id") if task_id is None else task_id
   if task_id is not None and not 0 <= task_id < adapter.n_tasks:
     raise TaskIdError(f"task_id={task_id} is outside the adapter's {adapter.n_tasks} tasks:"

@@ -9,15 +9,11 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
-from flax.core import unfreeze
 
-from tensorpoly_jax import (checkpoints, console, evaluation, fingerprint, metrics, partitioning,
-                            records, trainer)
+from tensorpoly_jax import (adaptation, checkpoints, console, evaluation, fingerprint, metrics,
+                            partitioning, records, trainer)
 from tensorpoly_jax.data import batches, choices, fewshot, tasks
 from tensorpoly_jax.methods import AdapterConfig, from_dict
-from tensorpoly_jax.param_roles import param_role
-from tensorpoly_jax.routing import LOGIT_INIT_RANGE
 from tensorpoly_jax.t5 import convert, layout
 from tensorpoly_jax.t5.model import (EncoderDecoder, RunOptions, T5Config, abstract_variables,
                                      config_to_dict, merge_params, split_params)
@@ -143,70 +139,89 @@ def pretrain_adapters(model_dir: str, backbone: Backbone, adapter: AdapterConfig
   return result, export
 
 
-def add_router_row(adapter_params, seed: int):
-  """Appends one fresh task row (uniform ±1e-3, as at init) to every router's skill logits
-  (per-layer layout: the task axis leads)."""
-  flat = traverse_util.flatten_dict(unfreeze(adapter_params))
-  rng = np.random.default_rng(seed)
-  for path in sorted(flat):  # the draws go to routers in one order, whatever the dict's
-    value = flat[path]
-    if param_role(path) == "router":
-      row = rng.uniform(-LOGIT_INIT_RANGE, LOGIT_INIT_RANGE, (1, *value.shape[1:]))
-      flat[path] = np.concatenate([np.asarray(value), row.astype(np.float32)], axis=0)
-  return traverse_util.unflatten_dict(flat)
-
-
 @dataclasses.dataclass(frozen=True)
 class Pretrained:
-  """A pretrained adapter export and what its few-shot runs share: the model with one more router
-  row, routing a held-out task as ``task_id`` (T, after the T pretraining tasks), and the trainer
-  that compiles their step once."""
+  """A pretrained adapter export and what its held-out runs share: the model that routes a
+  held-out task as ``task_id`` (T, after the T pretraining tasks, on one more router row; None
+  under ``arrow``), how it adapts (``adaptation``), and the trainer that compiles their step once
+  (None when the mode trains nothing)."""
 
   params: dict
   meta: dict
+  directory: str
+  mode: str
   model: EncoderDecoder
-  task_id: int
-  runner: trainer.Trainer
+  task_id: int | None
+  runner: trainer.Trainer | None
 
 
-def load_pretrained(backbone: Backbone, adapter_dir: str, train: trainer.TrainConfig) -> Pretrained:
-  if train.loss != "tfew":
-    raise ValueError(f"few-shot adaptation trains on answer-choice batches with T-Few's losses:"
-                     f" TrainConfig.loss must be 'tfew' (runs/adapt.gin sets it), got {train.loss!r}.")
+def load_pretrained(backbone: Backbone, adapter_dir: str, train: trainer.TrainConfig,
+                    mode: str = "full", arrow_top_k: int = 4) -> Pretrained:
+  """A pretrained export, checked against ``backbone`` and ``mode`` before any run."""
   params, meta = checkpoints.load_adapter(adapter_dir)
   check_backbone(meta, backbone, adapter_dir)
+  adapter = from_dict(meta["adapter"])
+  adaptation.check_mode(mode, adapter)
+  if adaptation.trains(mode) and train.loss != "tfew":
+    raise ValueError(f"few-shot adaptation trains on answer-choice batches with T-Few's losses:"
+                     f" TrainConfig.loss must be 'tfew' (runs/adapt.gin sets it), got {train.loss!r}.")
   task_id = len(meta["routing_ids"])
-  adapter = from_dict(meta["adapter"]).with_tasks(task_id + 1)
+  if mode == "arrow":
+    adapter, task_id = dataclasses.replace(adapter, arrow_top_k=arrow_top_k), None
+  else:
+    adapter = adapter.with_tasks(task_id + 1)
   model = EncoderDecoder(backbone.config.replace(adapter=adapter))
-  return Pretrained(params, meta, model, task_id,
-                    trainer.Trainer(model, train, abstract_variables(model)))
+  runner = None
+  if adaptation.trains(mode):
+    trained = adaptation.RouterRows(task_id) if mode in adaptation.ROUTER_ONLY else None
+    runner = trainer.Trainer(model, train, abstract_variables(model), trained)
+  return Pretrained(params, meta, str(adapter_dir), mode, model, task_id, runner)
 
 
 def adapt(model_dir: str, backbone: Backbone, pretrained: Pretrained, task_name: str, k: int,
           seed: int, choice_width: int | None = None):
-  """Few-shot adaptation of a held-out task from a pretrained adapter, with a new router row, its
-  batches' choices padded to ``choice_width`` (``choices.pad_choices``); returns the adapted
-  params."""
-  train = pretrained.runner.config
-  routing_ids = {**pretrained.meta["routing_ids"], task_name: pretrained.task_id}
-  adapter_params = layout.to_layout(add_router_row(pretrained.params, seed),
+  """Adapts a held-out task from a pretrained adapter as ``pretrained.mode`` says
+  (``adaptation``), training on k examples whose choices are padded to ``choice_width``
+  (``choices.pad_choices``); exports it to ``model_dir/adapter`` (router rows only, on the
+  pretrained export, unless every param trained) and returns the adapted params."""
+  mode, task_id = pretrained.mode, pretrained.task_id
+  routing_ids = dict(pretrained.meta["routing_ids"])
+  rows = {}
+  if adaptation.gives_row(mode):
+    routing_ids[task_name] = task_id
+    rows = adaptation.new_rows(pretrained.params, mode, seed)
+  adapter_params = layout.to_layout(adaptation.append_rows(pretrained.params, rows),
                                     pretrained.model.config.scan_layers)
-  params = merge_params(adapter_params, backbone.params)
-  arrays = choices.pad_choices(
-      fewshot.fewshot_arrays(task_name, k, seed, train.inputs_length, train.targets_length),
-      choice_width)
-  stream = lambda start: batches.choice_batches(arrays, train.batch_size, seed, start,
-                                                pretrained.task_id, _shard_info())
-  meta = run_meta(f"adapt {task_name} k={k} seed={seed}", pretrained.model.config, routing_ids,
-                  backbone.fingerprint)
-  # The few-shot seed seeds the run too.
-  result = pretrained.runner.fit(params, stream, model_dir, meta, seed=seed,
-                                 description=f"adapt {task_name} s{seed}")
-  if jax.process_index() == 0:  # the pretraining export's schema plus the adapted task
-    checkpoints.export_adapter(model_dir, "adapter", split_params(result.params)[0],
-                               {**meta, "task": task_name, "task_id": pretrained.task_id,
-                                "seed": seed})
-  return result.params
+  stage = f"adapt {task_name} k={k} seed={seed}" + ("" if mode == "full" else f" mode={mode}")
+  meta = {**run_meta(stage, pretrained.model.config, routing_ids, backbone.fingerprint),
+          "task": task_name, "task_id": task_id, "seed": seed, "adapt_mode": mode}
+  if pretrained.runner is None:
+    params = merge_params(place_adapter(adapter_params, pretrained.model, backbone.mesh),
+                          backbone.params)
+  else:
+    train = pretrained.runner.config
+    arrays = choices.pad_choices(
+        fewshot.fewshot_arrays(task_name, k, seed, train.inputs_length, train.targets_length),
+        choice_width)
+    stream = lambda start: batches.choice_batches(arrays, train.batch_size, seed, start, task_id,
+                                                  _shard_info())
+    # The few-shot seed seeds the run too.
+    params = pretrained.runner.fit(merge_params(adapter_params, backbone.params), stream,
+                                   model_dir, meta, seed=seed,
+                                   description=f"adapt {task_name} s{seed}").params
+    rows = adaptation.RouterRows(task_id).split(params)[0]
+  if jax.process_index() == 0:
+    if mode == "full":  # the pretraining export's schema plus the adapted task
+      checkpoints.export_adapter(model_dir, "adapter", split_params(params)[0], meta)
+    else:
+      checkpoints.export_router_rows(model_dir, "adapter", rows, meta, pretrained.directory)
+  return params
+
+
+def place_adapter(adapter_params, model: EncoderDecoder, mesh) -> dict:
+  """Adapter params put on ``mesh`` in ``model``'s layout, sharded by its logical axes."""
+  shardings = split_params(partitioning.param_shardings(abstract_variables(model), mesh))[0]
+  return jax.device_put(layout.to_layout(adapter_params, model.config.scan_layers), shardings)
 
 
 ADAPT_RESULT = "result.json"
@@ -214,29 +229,34 @@ ADAPT_RESULT = "result.json"
 
 @dataclasses.dataclass(frozen=True)
 class AdaptResults:
-  """Held-out accuracy per task and few-shot seed (``{task: {seed: accuracy}}``), the size of
-  one adapted task's adapter and router params, each task's few-shot k, and the runs that did
-  not finish (``{"<task>_seed<seed>": {"status", "error"}}``: ``records.raise_unfinished``), and
-  the backbone and adapter export they were computed from."""
+  """Held-out accuracy per task and few-shot seed (``{task: {seed: accuracy}}``), the params one
+  adapted task trains (by the mode: every adapter param, its router rows, or none), each task's
+  few-shot k (0 when the mode trains nothing), the runs that did not finish (``{"<task>_seed<seed>":
+  {"status", "error"}}``: ``records.raise_unfinished``), the backbone and adapter export they were
+  computed from, and the exports that serve every adapted task at once (``{seed: folder}``)."""
 
   accuracy: dict[str, dict[str, float]]
   adaptation_params: int
   shots: dict[str, int]
   unfinished: dict[str, dict[str, str]]
   identity: dict  # what they were computed from (``results_identity``)
+  exports: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def adapt_heldout(model_dir: str, backbone: Backbone, adapter_dir: str, heldout,
                   shots: int | None, seeds, train: trainer.TrainConfig, eval_batch_size: int = 32,
-                  length_normalize: bool = True, eval_split: str = "validation") -> AdaptResults:
-  """Few-shot adaptation of every held-out task for every seed from one pretrained adapter, each
-  evaluated on its task's ``eval_split``; runs in ``model_dir/adapt/<task>_seed<seed>``.
-  ``shots=None`` gives each task its own k (T-Few's per-task k on T0).
+                  length_normalize: bool = True, eval_split: str = "validation",
+                  mode: str = "full", arrow_top_k: int = 4) -> AdaptResults:
+  """Adaptation of every held-out task for every seed from one pretrained adapter in ``mode``
+  (``adaptation``), each evaluated on its task's ``eval_split``; runs in
+  ``model_dir/adapt/<task>_seed<seed>``. ``shots=None`` gives each task its own k (T-Few's
+  per-task k on T0). Every mode but ``full`` also writes, per seed, one export that routes every
+  adapted task by its name (``model_dir/adapters/seed<seed>``: ``multi_task_export``).
 
   Each run writes its accuracy, or its error, to ``result.json`` in its folder when it ends (a
   ``records`` record with the settings below); a rerun reads the finished ones instead of
   adapting again, and one failed run no longer stops the others."""
-  pretrained = load_pretrained(backbone, adapter_dir, train)
+  pretrained = load_pretrained(backbone, adapter_dir, train, mode, arrow_top_k)
   scorer = evaluation.Scorer(pretrained.model, backbone.mesh, length_normalize)
   identity = results_identity(backbone, adapter_dir)
   # Every task's batches as wide as the widest task's: one compiled step and scorer for all.
@@ -252,15 +272,19 @@ def adapt_heldout(model_dir: str, backbone: Backbone, adapter_dir: str, heldout,
 
   accuracy: dict[str, dict[str, float]] = {}
   unfinished: dict[str, dict[str, str]] = {}
-  shots_used = {task: fewshot.num_shots(task, shots) for task in heldout}
+  shots_used = {task: fewshot.num_shots(task, shots) if adaptation.trains(mode) else 0
+                for task in heldout}
   runs = [(task, k, seed) for task, k in shots_used.items() for seed in seeds]
   for number, (task, k, seed) in enumerate(runs, 1):
     name = f"{task}_seed{seed}"
     run_dir = os.path.join(model_dir, "adapt", name)
-    settings = {"task": task, "seed": seed, "shots": k, "split": eval_split,
+    settings = {"task": task, "seed": seed, "shots": k, "split": eval_split, "adapt_mode": mode,
                 "adapter_dir": str(adapter_dir), "length_normalize": length_normalize,
                 "train": dataclasses.asdict(train), **identity}
-    console.say(f"adapt run {number}/{len(runs)}: {task}, seed {seed}, k={k}")
+    if mode == "arrow":
+      settings["arrow_top_k"] = arrow_top_k
+    console.say(f"adapt run {number}/{len(runs)}: {task}, seed {seed}, k={k}"
+                + ("" if mode == "full" else f", mode {mode}"))
     record = records.run_once(os.path.join(run_dir, ADAPT_RESULT), settings,
                               lambda: adapt_and_score(run_dir, task, k, seed))
     if record["status"] == records.FINISHED:
@@ -270,8 +294,55 @@ def adapt_heldout(model_dir: str, backbone: Backbone, adapter_dir: str, heldout,
       unfinished[name] = {"status": record["status"], "error": record["error"]}
       outcome = f"{record['status']}: {record['error']}"
     console.say(f"adapt run {number}/{len(runs)}: {task}, seed {seed}: {outcome}")
-  adapted = split_params(abstract_variables(pretrained.model)["params"])[0]
-  return AdaptResults(accuracy, count_params(adapted), shots_used, unfinished, identity)
+  exports = {}
+  if mode != "full" and jax.process_index() == 0:
+    for seed in seeds:
+      adapted = [t for t in heldout if str(seed) in accuracy.get(t, {})]
+      if adapted:
+        exports[str(seed)] = multi_task_export(
+            model_dir, f"adapters/seed{seed}",
+            [os.path.join(model_dir, "adapt", f"{t}_seed{seed}", "adapter") for t in adapted])
+  return AdaptResults(accuracy, adaptation_params(pretrained), shots_used, unfinished, identity,
+                      exports)
+
+
+def adaptation_params(pretrained: Pretrained) -> int:
+  """The params one adapted task trains."""
+  if pretrained.runner is None:
+    return 0
+  adapter = split_params(abstract_variables(pretrained.model)["params"])[0]
+  return count_params(jax.eval_shape(lambda p: pretrained.runner.trained.split(p)[0], adapter))
+
+
+def multi_task_export(model_dir: str, name: str, task_exports: list[str]) -> str:
+  """One export holding the router rows of several tasks adapted from one pretrained export
+  (each a router-rows export, as ``adapt`` writes outside ``full``), routing each by its name:
+  task ``i`` of ``task_exports`` gets id ``T + i``, its row the one it was adapted with."""
+  metas, all_rows = [], []
+  for directory in task_exports:
+    rows, meta = checkpoints.read_export(directory)
+    metas.append(meta)
+    all_rows.append(rows)
+  first = metas[0]
+  for directory, meta in zip(task_exports, metas):
+    if meta.get(checkpoints.BASE_ADAPTER) != first.get(checkpoints.BASE_ADAPTER):
+      raise checkpoints.CheckpointMismatchError(
+          f"{directory} was adapted from another pretrained export than {task_exports[0]}: one"
+          " export serves tasks adapted from one pretrained export.")
+  routing_ids = {t: i for t, i in first["routing_ids"].items() if t != first["task"]}
+  adapter, rows = from_dict(first["adapter"]), {}
+  if adaptation.gives_row(first["adapt_mode"]):
+    pretraining_tasks = len(routing_ids)
+    routing_ids.update({meta["task"]: pretraining_tasks + i for i, meta in enumerate(metas)})
+    rows = jax.tree_util.tree_map(lambda *task_rows: np.concatenate(task_rows), *all_rows)
+    adapter = adapter.with_tasks(len(routing_ids))
+  meta = {key: value for key, value in first.items()
+          if key not in ("task", "task_id", checkpoints.BASE_ADAPTER)}
+  meta.update(stage=f"adapted tasks seed={first['seed']}", routing_ids=routing_ids,
+              adapter=adapter.to_dict(), tasks=[m["task"] for m in metas])
+  base = first[checkpoints.BASE_ADAPTER]
+  checkpoints.check_base(task_exports[0], base)
+  return checkpoints.export_router_rows(model_dir, name, rows, meta, base["path"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,7 +383,5 @@ def with_adapter(backbone: Backbone, adapter_dir: str | None) -> tuple[T5Config,
   adapter_params, meta = checkpoints.load_adapter(adapter_dir)
   check_backbone(meta, backbone, adapter_dir)
   config = backbone.config.replace(adapter=from_dict(meta["adapter"]))
-  shardings = split_params(partitioning.param_shardings(
-      abstract_variables(EncoderDecoder(config)), backbone.mesh))[0]
-  adapter_params = jax.device_put(layout.to_layout(adapter_params, config.scan_layers), shardings)
+  adapter_params = place_adapter(adapter_params, EncoderDecoder(config), backbone.mesh)
   return config, merge_params(adapter_params, backbone.params), meta

@@ -96,13 +96,37 @@ class TrainingDiverged(RuntimeError):
 FINITE_CHECKS = ("loss", "gradients", "updated params")
 
 
-def make_train_step(model: EncoderDecoder, optimizer, mode: str, tfew_weights=(1.0, 1.0, 1.0)):
+@dataclasses.dataclass(frozen=True)
+class AdapterParams:
+  """Which params a run trains: ``split(params) -> (trained, frozen)`` and its inverse ``merge``.
+  This one: every adapter and router param, the backbone frozen."""
+
+  def split(self, params) -> tuple[dict, dict]:
+    return split_params(params)
+
+  def merge(self, trained, frozen) -> dict:
+    return merge_params(trained, frozen)
+
+
+@dataclasses.dataclass(frozen=True)
+class AllParams(AdapterParams):
+  """Every param trains (the backbone stage)."""
+
+  def split(self, params) -> tuple[dict, dict]:
+    return params, {}
+
+  def merge(self, trained, frozen) -> dict:
+    return trained
+
+
+def make_train_step(model: EncoderDecoder, optimizer, mode: str, tfew_weights=(1.0, 1.0, 1.0),
+                    trained: AdapterParams = AdapterParams()):
   loss_fn = Seq2SeqModel(model).loss_fn(mode, tfew_weights)
 
   def step(state: TrainState, frozen, batch):
     rng, dropout_rng, routing_rng = jax.random.split(state.rng, 3)
     rngs = {"dropout": dropout_rng, "routing": routing_rng}
-    grad_fn = jax.value_and_grad(lambda p: loss_fn(merge_params(p, frozen), batch, rngs),
+    grad_fn = jax.value_and_grad(lambda p: loss_fn(trained.merge(p, frozen), batch, rngs),
                                  has_aux=True)
     (loss, metrics), grads = grad_fn(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -156,11 +180,15 @@ class Trainer:
   and step it built for each shape of trained params: the few-shot runs of one method over tasks
   and seeds share one compiled step.
 
-  ``abstract_variables`` (``jax.eval_shape`` of ``model.init``) carries the logical axes.
+  ``abstract_variables`` (``jax.eval_shape`` of ``model.init``) carries the logical axes;
+  ``trained`` says which params train (default: the adapters, or every param with
+  ``train_backbone``).
   """
 
-  def __init__(self, model: EncoderDecoder, config: TrainConfig, abstract_variables):
+  def __init__(self, model: EncoderDecoder, config: TrainConfig, abstract_variables,
+               trained: AdapterParams | None = None):
     self.model, self.config = model, config
+    self.trained = trained or (AllParams() if config.train_backbone else AdapterParams())
     self.mesh = config.make_mesh()
     if config.batch_size % self.mesh.shape["data"]:
       raise ValueError(
@@ -168,8 +196,7 @@ class Trainer:
           f" ({self.mesh.shape['data']} = {self.mesh.devices.size} devices / model_parallel"
           f" {config.model_parallel}); set BATCH_SIZE to a multiple of {self.mesh.shape['data']}.")
     shardings = partitioning.param_shardings(abstract_variables, self.mesh)
-    self.trainable_shardings, self.frozen_shardings = (
-        (shardings, {}) if config.train_backbone else split_params(shardings))
+    self.trainable_shardings, self.frozen_shardings = self.trained.split(shardings)
     self._steps: dict[tuple, Steps] = {}
     self._described = False
 
@@ -181,7 +208,7 @@ class Trainer:
     key = (treedef, tuple(leaves))
     if key not in self._steps:
       steps = build_steps(self.model, self.config, self.mesh, shapes, self.trainable_shardings,
-                          self.frozen_shardings)
+                          self.frozen_shardings, self.trained)
       batch_shapes = lambda state, frozen, batch: {k: v.shape for k, v in batch.items()}
       self._steps[key] = dataclasses.replace(
           steps, step=console.timed_compiles(steps.step, "compiling the train step", batch_shapes))
@@ -216,7 +243,7 @@ class Trainer:
     with run_lock.hold(model_dir):
       config = self.config if seed is None else dataclasses.replace(self.config, seed=seed)
       meta = {**meta, "train": config.identity(), "code_version": code_version()}
-      trainable, frozen = (params, {}) if config.train_backbone else split_params(params)
+      trainable, frozen = self.trained.split(params)
       steps = self.steps(trainable)
       frozen = jax.device_put(frozen, self.frozen_shardings)  # a no-op for params on the mesh
       state = steps.init(jax.device_put(trainable, self.trainable_shardings),
@@ -231,7 +258,7 @@ class Trainer:
         state = restored if restored is not None else state
         state, history = _loop(state, frozen, steps.step, batches(start), self.mesh, start,
                                config, mngr, meta, model_dir, description)
-    return TrainResult(merge_params(state.params, frozen), history, start, state)
+    return TrainResult(self.trained.merge(state.params, frozen), history, start, state)
 
 
 IDENTITY_FILE = "identity.json"  # the run's identity as its checkpoints record it
@@ -262,7 +289,8 @@ class Steps:
 
 
 def build_steps(model: EncoderDecoder, config: TrainConfig, mesh, trainable_shapes,
-                trainable_shardings, frozen_shardings) -> Steps:
+                trainable_shardings, frozen_shardings,
+                trained: AdapterParams = AdapterParams()) -> Steps:
   """The jitted init and step for trained params of these shapes and shardings."""
   optimizer = make_optimizer(config.optimizer, trainable_shapes, config.steps)
   replicated = partitioning.replicated(mesh)
@@ -273,7 +301,7 @@ def build_steps(model: EncoderDecoder, config: TrainConfig, mesh, trainable_shap
   init = jax.jit(lambda params, rng: TrainState(jnp.asarray(0, jnp.int32), params,
                                                 optimizer.init(params), rng),
                  out_shardings=shardings)
-  step = jax.jit(make_train_step(model, optimizer, config.loss, config.tfew_weights),
+  step = jax.jit(make_train_step(model, optimizer, config.loss, config.tfew_weights, trained),
                  in_shardings=(shardings, frozen_shardings, None),  # batches come sharded
                  out_shardings=(shardings, replicated), donate_argnums=(0,))
   return Steps(init, step, shardings)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen import partitioning
 
+from tensorpoly_jax import arrow
 from tensorpoly_jax import entangle as ent
 from tensorpoly_jax.routing import Router
 
@@ -104,11 +105,35 @@ class Adapter(nn.Module):
 class Routed(Adapter):
   """An adapter whose A and B are mixed per example by a task router (one per layer by default).
 
-  Subclasses say how many routing heads and skills the router has.
+  Subclasses say how many routing heads and skills the router has. ``arrow_top_k > 0`` routes
+  each token instead, to its ``arrow_top_k`` skills by Arrow's prototypes (``arrow``): task ids
+  and routing weights are then ignored, and the router's rows are kept in the params only so that
+  an Arrow model reads the task-routed model's params.
   """
 
   n_tasks: int = 1
   relaxed_bernoulli: bool = False
+  arrow_top_k: int = 0
+
+  def __call__(self, x, task_ids=None, *, routing_weights=None, deterministic=True, decode=False):
+    if not self.arrow_top_k:
+      return super().__call__(x, task_ids, routing_weights=routing_weights,
+                              deterministic=deterministic, decode=decode)
+    if self.is_initializing():  # declares every param of the task-routed adapter, router included
+      super().__call__(x, task_ids, routing_weights=routing_weights, deterministic=deterministic)
+    tokens = self._flatten_tokens(x)
+    skill_a, skill_b = (jnp.asarray(f, self.dtype) for f in self.skills(tokens.shape[-1]))
+    weights = arrow.token_weights(
+        tokens, arrow.prototypes(skill_a, skill_b, self.routing_heads()), self.arrow_top_k)
+    delta = arrow.token_routed_delta(tokens, skill_a, skill_b, weights)
+    return delta.reshape(*x.shape[:-1], self.features)
+
+  def skills(self, d_in):
+    """Each skill's factors, ``A_s: [s, d_in, r]`` and ``B_s: [s, r, d_out]``: what the adapter
+    builds for routing weights one-hot on skill ``s`` in every head."""
+    one_hot = jnp.broadcast_to(jnp.eye(self.routed_skills())[:, None, :],
+                               (self.routed_skills(), self.routing_heads(), self.routed_skills()))
+    return self.factors(d_in, None, one_hot, True)
 
   def routing_heads(self) -> int:
     raise NotImplementedError
