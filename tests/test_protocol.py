@@ -98,3 +98,35 @@ def test_ablation_table_puts_each_point_in_its_cell():
   assert lines[1].split()[:3] == ["N=2", "(layernorm", "pair"]
   assert lines[1].split()[4::2] == ["51.0", "52.0", "54.0", "58.0", "66.0"]
   assert lines[2].split()[4::2] == ["51.0", "52.0", "54.0", "58.0", "diverged"]
+
+
+routing_spec = importlib.util.spec_from_file_location(
+    "routing_modes", os.path.join(ROOT, "benchmarks", "routing_modes.py"))
+routing_modes = importlib.util.module_from_spec(routing_spec)
+routing_spec.loader.exec_module(routing_modes)
+
+
+def test_routing_modes_reads_the_demos_config_back(demo, tmp_path):
+  import json
+
+  (tmp_path / "evaluation.json").write_text(json.dumps({"config": demo.to_dict()}))
+  assert routing_modes.demo_config(str(tmp_path)) == demo
+
+
+def test_routing_modes_compares_each_mode_with_full_on_the_same_cells():
+  full = {"a": {"0": 0.9, "1": 0.6}, "b": {"0": 0.7, "1": 0.8}}
+  shifted = lambda by: {t: {s: v + by for s, v in seeds.items()} for t, seeds in full.items()}
+  rows = [{"method": "poly", "mode": "full", "shots": 16, "accuracy": full},
+          {"method": "poly", "mode": "router", "shots": 16, "accuracy": shifted(-0.1)},
+          {"method": "poly", "mode": "uniform", "shots": 0, "accuracy": full},
+          {"method": "poly", "mode": "router", "shots": 4, "accuracy": full}]  # no full at k=4
+  compared = {(d["mode"], d["shots"]): d for d in routing_modes.differences(rows, 16)}
+  assert compared.keys() == {("router", 16), ("uniform", 0)}
+  # Paired cells: a constant shift has no spread, whatever the spread of the cells themselves.
+  assert compared["router", 16]["difference"] == pytest.approx(-0.1)
+  assert compared["router", 16]["interval"] == pytest.approx([-0.1, -0.1])
+  assert compared["router", 16]["exceeds_interval"]
+  assert compared["uniform", 0]["against_full_at_shots"] == 16
+  assert not compared["uniform", 0]["exceeds_interval"]
+  low, high = routing_modes.bootstrap_interval(routing_modes.cells(full))
+  assert 0.6 <= low < 0.75 < high <= 0.9
