@@ -267,7 +267,7 @@ def adapt_heldout(model_dir: str, backbone: Backbone, adapter_dir: str, heldout,
     value = evaluate_task(scorer, params, task, pretrained.task_id, train.inputs_length,
                           train.targets_length, eval_split, eval_batch_size, seed,
                           choice_width=width).accuracy
-    metrics.write_eval(run_dir, value, train.steps)
+    metrics.write_eval(run_dir, value, train.steps if adaptation.trains(mode) else 0)
     return {"accuracy": value}
 
   accuracy: dict[str, dict[str, float]] = {}

@@ -93,6 +93,11 @@ def test_arrow_layers_route_each_token_as_numpy_loops_do(method, splits, top_k):
   assert jax.tree_util.tree_structure(arrow_params) == jax.tree_util.tree_structure(params)
   routed_output = arrow_layer.apply({"params": params}, x, task_ids)
   np.testing.assert_array_equal(routed_output, arrow_layer.apply({"params": params}, x, None))
+  # Decoding caches nothing for Arrow: each step's tokens route themselves.
+  decoded, cache = arrow_layer.apply({"params": params}, x, task_ids, decode=True,
+                                     mutable=["cache"])
+  np.testing.assert_array_equal(decoded, routed_output)
+  assert not cache
   np.testing.assert_allclose(routed_output, reference_arrow_output(arrow_config, params, x, top_k),
                              rtol=2e-4, atol=2e-5)
 
