@@ -22,18 +22,18 @@ from flax.core import unfreeze
 
 from tensorpoly_jax.param_roles import param_role
 from tensorpoly_jax.routing import LOGIT_INIT_RANGE, NORMALIZE_EPSILON
-from tensorpoly_jax.t5.model import merge_params, split_params
 
 MODES = ("full", "router", "router_mu", "uniform", "frozen_average", "arrow")
 ROUTER_ONLY = ("router", "router_mu")
 ZERO_SHOT = ("uniform", "frozen_average", "arrow")
 
 
-def check_mode(mode: str, adapter) -> None:
-  """Refuses an unknown mode, or a routing-only mode for a method without a router."""
+def check_mode(mode: str, adapter=None) -> None:
+  """Refuses an unknown mode, or (given the pretrained ``adapter``'s config) a routing-only mode
+  for a method without a router."""
   if mode not in MODES:
     raise ValueError(f"ADAPT_MODE={mode!r} is unknown; choose one of {MODES}.")
-  if mode != "full" and not adapter.routed:
+  if adapter is not None and mode != "full" and not adapter.routed:
     raise ValueError(
         f"ADAPT_MODE={mode!r} adapts the routing only, and {adapter.method} has no router: use"
         " ADAPT_MODE='full', or a routed method (poly, mhr, tensorpoly_i, tensorpoly_ii).")
@@ -85,9 +85,10 @@ def logits_for(weights: np.ndarray) -> np.ndarray:
   return np.log(gates) - np.log1p(-gates)
 
 
-def append_rows(adapter_params, rows) -> dict:
-  """Every router's logits with ``rows`` appended on the task axis (axis -3, either layout)."""
-  flat = traverse_util.flatten_dict(unfreeze(adapter_params))
+def append_rows(params, rows) -> dict:
+  """``params`` (adapter params, or the whole model's) with ``rows`` appended to the routers'
+  logits on the task axis (axis -3, either layout)."""
+  flat = traverse_util.flatten_dict(unfreeze(params))
   for path, row in traverse_util.flatten_dict(unfreeze(rows)).items():
     flat[path] = _concat([flat[path], row])
   return traverse_util.unflatten_dict(flat)
@@ -108,21 +109,16 @@ class RouterRows:
   first_row: int
 
   def split(self, params) -> tuple[dict, dict]:
-    adapter, backbone = split_params(params)
-    flat = traverse_util.flatten_dict(unfreeze(adapter))
+    flat = traverse_util.flatten_dict(unfreeze(params))
     trained = {}
     for path in _router_paths(flat):
       value = flat[path]
       if isinstance(value, jax.sharding.Sharding):
         trained[path] = value
       else:
-        trained[path], flat[path] = value[..., self.first_row:, :, :], value[..., :self.first_row, :, :]
-    return (traverse_util.unflatten_dict(trained),
-            merge_params(traverse_util.unflatten_dict(flat), backbone))
+        trained[path] = value[..., self.first_row:, :, :]
+        flat[path] = value[..., :self.first_row, :, :]
+    return traverse_util.unflatten_dict(trained), traverse_util.unflatten_dict(flat)
 
   def merge(self, trained, frozen) -> dict:
-    adapter, backbone = split_params(frozen)
-    flat = traverse_util.flatten_dict(unfreeze(adapter))
-    for path, rows in traverse_util.flatten_dict(unfreeze(trained)).items():
-      flat[path] = _concat([flat[path], rows])
-    return merge_params(traverse_util.unflatten_dict(flat), backbone)
+    return append_rows(frozen, trained)

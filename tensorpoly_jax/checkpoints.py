@@ -268,12 +268,16 @@ def export_fingerprint(directory: str) -> str:
   return digest.hexdigest()[:16]
 
 
-def export_router_rows(model_dir: str, name: str, rows, meta: dict, base_dir: str) -> str:
-  """An export of new tasks' router rows only (kilobytes), which ``load_adapter`` appends to the
-  export at ``base_dir``; it records that export's path and fingerprint, and refuses to load once
-  the base is retrained or gone."""
-  base = {"path": str(base_dir) if paths.is_remote(base_dir) else os.path.abspath(base_dir),
+def base_reference(base_dir: str) -> dict:
+  """What a router-rows export records of the export it extends: its path and fingerprint."""
+  return {"path": str(base_dir) if paths.is_remote(base_dir) else os.path.abspath(base_dir),
           "fingerprint": export_fingerprint(base_dir)}
+
+
+def export_router_rows(model_dir: str, name: str, rows, meta: dict, base: dict) -> str:
+  """An export of new tasks' router rows only (kilobytes), which ``load_adapter`` appends to the
+  export ``base`` (``base_reference``) refers to, and refuses to load once that export is
+  retrained or gone."""
   return export_adapter(model_dir, name, rows, {**meta, BASE_ADAPTER: base})
 
 

@@ -124,8 +124,7 @@ def adapt(model_dir: str, backbone_dir: str, adapter_dir: str, heldout, train_co
   accuracy per task and seed, seed summaries, the exports that serve every adapted task at once
   (modes other than ``full``), and the runs that did not finish, which it then raises naming
   (``records.raise_unfinished``); a rerun redoes only those."""
-  if mode not in adaptation.MODES:
-    raise ValueError(f"ADAPT_MODE={mode!r} is unknown; choose one of {adaptation.MODES}.")
+  adaptation.check_mode(mode)  # the method is checked once the pretrained export is read
   names = check_heldout(heldout, shots, seeds)
   backbone = pipeline.load_backbone(backbone_dir, options or RunOptions(),
                                     train_config.make_mesh())

@@ -141,14 +141,15 @@ def pretrain_adapters(model_dir: str, backbone: Backbone, adapter: AdapterConfig
 
 @dataclasses.dataclass(frozen=True)
 class Pretrained:
-  """A pretrained adapter export and what its held-out runs share: the model that routes a
-  held-out task as ``task_id`` (T, after the T pretraining tasks, on one more router row; None
-  under ``arrow``), how it adapts (``adaptation``), and the trainer that compiles their step once
-  (None when the mode trains nothing)."""
+  """A pretrained adapter export and what its held-out runs share: what their router-rows exports
+  record of it (``checkpoints.base_reference``), the model that routes a held-out task as
+  ``task_id`` (T, after the T pretraining tasks, on one more router row; None under ``arrow``),
+  how it adapts (``adaptation``), and the trainer that compiles their step once (None when the
+  mode trains nothing)."""
 
   params: dict
   meta: dict
-  directory: str
+  base: dict
   mode: str
   model: EncoderDecoder
   task_id: int | None
@@ -175,7 +176,8 @@ def load_pretrained(backbone: Backbone, adapter_dir: str, train: trainer.TrainCo
   if adaptation.trains(mode):
     trained = adaptation.RouterRows(task_id) if mode in adaptation.ROUTER_ONLY else None
     runner = trainer.Trainer(model, train, abstract_variables(model), trained)
-  return Pretrained(params, meta, str(adapter_dir), mode, model, task_id, runner)
+  return Pretrained(params, meta, checkpoints.base_reference(adapter_dir), mode, model, task_id,
+                    runner)
 
 
 def adapt(model_dir: str, backbone: Backbone, pretrained: Pretrained, task_name: str, k: int,
@@ -209,12 +211,13 @@ def adapt(model_dir: str, backbone: Backbone, pretrained: Pretrained, task_name:
     params = pretrained.runner.fit(merge_params(adapter_params, backbone.params), stream,
                                    model_dir, meta, seed=seed,
                                    description=f"adapt {task_name} s{seed}").params
-    rows = adaptation.RouterRows(task_id).split(params)[0]
   if jax.process_index() == 0:
     if mode == "full":  # the pretraining export's schema plus the adapted task
       checkpoints.export_adapter(model_dir, "adapter", split_params(params)[0], meta)
     else:
-      checkpoints.export_router_rows(model_dir, "adapter", rows, meta, pretrained.directory)
+      if mode in adaptation.ROUTER_ONLY:  # the rows as trained
+        rows = pretrained.runner.trained.split(params)[0]
+      checkpoints.export_router_rows(model_dir, "adapter", rows, meta, pretrained.base)
   return params
 
 
@@ -342,7 +345,7 @@ def multi_task_export(model_dir: str, name: str, task_exports: list[str]) -> str
               adapter=adapter.to_dict(), tasks=[m["task"] for m in metas])
   base = first[checkpoints.BASE_ADAPTER]
   checkpoints.check_base(task_exports[0], base)
-  return checkpoints.export_router_rows(model_dir, name, rows, meta, base["path"])
+  return checkpoints.export_router_rows(model_dir, name, rows, meta, base)
 
 
 @dataclasses.dataclass(frozen=True)
