@@ -1,15 +1,19 @@
 """Routing modes on the embedded suite: the routed methods' pretrained exports of one `tensorpoly
 demo` run, each adapted to the held-out tasks in every ``ADAPT_MODE`` (``adaptation``), the
-trained modes at every k of ``--shots``, with the demo's adaptation settings (not tuned per mode).
+trained modes at every k of ``--shots``, with the demo's adaptation settings (not tuned per mode);
+LoRA and TLoRA, which have no router, in ``full`` mode only.
 
 Reports held-out test accuracy as the mean over tasks x few-shot seeds with a bootstrap 95%
-interval (cells resampled with replacement), and each mode's difference to full adaptation at the
-same k (zero-shot modes: at the demo's k) with a paired bootstrap interval; a difference whose
-interval excludes 0 is marked. Every run is a ``tensorpoly adapt`` run under ``--work_dir``
-(finished runs are read back). Writes ``benchmarks/results/routing_modes.{json}``,
-``routing_modes_params.png`` and ``routing_modes_shots.png``.
+interval (cells resampled with replacement); each mode's difference to full adaptation at the
+same k (zero-shot modes: at the demo's k), and each pair of methods' difference under full
+adaptation at each k, with paired bootstrap intervals; a difference whose interval excludes 0 is
+marked. ``--heldout embedded_three_skill`` adapts to the harder suite (three skills per task) with
+the same exports. Every run is a ``tensorpoly adapt`` run under ``--work_dir`` (finished runs are
+read back). Writes ``benchmarks/results/routing_modes.{json}``, ``routing_modes_params.png`` and
+``routing_modes_shots.png``.
 
   python benchmarks/routing_modes.py --demo_dir runs/demo --work_dir runs/routing_modes
+      [--heldout embedded_three_skill --output benchmarks/results/routing_modes_three_skill.json]
 """
 from __future__ import annotations
 
@@ -49,25 +53,39 @@ def cells(accuracy: dict) -> np.ndarray:
                    for seed in sorted(accuracy[task], key=int)])
 
 
-def bootstrap_interval(values: np.ndarray, seed: int = 0) -> list[float]:
+def paired_difference(first: dict, second: dict) -> np.ndarray:
+  """``first - second`` on the (task, seed) cells both finished."""
+  both = {task: {seed: first[task][seed] - second[task][seed]
+                 for seed in first[task] if seed in second.get(task, {})} for task in first}
+  return cells({task: seeds for task, seeds in both.items() if seeds})
+
+
+def bootstrap_interval(values: np.ndarray, seed: int = 0, confidence: float = 0.95) -> list[float]:
   draws = np.random.default_rng(seed).integers(0, len(values), (BOOTSTRAP_SAMPLES, len(values)))
-  return [float(v) for v in np.percentile(values[draws].mean(axis=1), [2.5, 97.5])]
+  tail = 50 * (1 - confidence)
+  return [float(v) for v in np.percentile(values[draws].mean(axis=1), [tail, 100 - tail])]
 
 
-def run_grid(args, config) -> list[dict]:
+def targets_length(heldout: list[str], at_least: int) -> int:
+  """Tokens that fit every answer choice of ``heldout`` with its EOS (three-skill answers are
+  longer than the demo's 24)."""
+  from tensorpoly_jax.data import choices, tasks
+
+  infos = [tasks.task_info(name) for name in heldout]
+  return max([at_least, *(len(choices.encode_choice(info.vocabulary, choice)) for info in infos
+                          for split in info.splits for row in info.read(split).rows
+                          for choice in row["answer_choices"])])
+
+
+def run_grid(args, config, heldout: list[str], length: int) -> list[dict]:
   from tensorpoly_jax import adaptation, pipeline
-  from tensorpoly_jax.data import embedded, tasks
 
-  tasks.register_embedded(config.data_seed, config.sizes)
-  heldout = [tasks.embedded_heldout_task(t) for t in sorted(embedded.HELDOUT_TASKS)]
   backbone = pipeline.load_backbone(os.path.join(args.demo_dir, "backbone", "backbone"))
   rows = []
   for method, settings in config.methods.items():
-    if not settings.adapter.routed:
-      continue
     adapter_dir = os.path.join(args.demo_dir, method, "adapter")
-    train = config.train_config("adapt", method)
-    for mode in args.modes:
+    train = dataclasses.replace(config.train_config("adapt", method), targets_length=length)
+    for mode in args.modes if settings.adapter.routed else ["full"]:
       for k in (args.shots if adaptation.trains(mode) else [0]):
         started = time.time()
         result = pipeline.adapt_heldout(
@@ -94,7 +112,7 @@ def differences(rows: list[dict], demo_shots: int) -> list[dict]:
     reference = full.get((row["method"], row["shots"] or demo_shots))
     if row["mode"] == "full" or reference is None:
       continue
-    delta = cells(row["accuracy"]) - cells(reference["accuracy"])
+    delta = paired_difference(row["accuracy"], reference["accuracy"])
     low, high = bootstrap_interval(delta)
     out.append({"method": row["method"], "mode": row["mode"], "shots": row["shots"],
                 "against_full_at_shots": reference["shots"], "difference": float(delta.mean()),
@@ -102,7 +120,28 @@ def differences(rows: list[dict], demo_shots: int) -> list[dict]:
   return out
 
 
-def plot(rows: list[dict], demo_shots: int, params_path: str, shots_path: str) -> None:
+def method_differences(rows: list[dict]) -> list[dict]:
+  """Each pair of methods under full adaptation at each k: the first's accuracy minus the
+  second's on the same (task, seed) cells, with a paired bootstrap interval whose confidence is
+  Bonferroni-corrected over the k's pairs (familywise 95%: with 15 pairs, 99.67% each), so that
+  a marked difference is not one of the many comparisons' chance exclusions."""
+  full = [r for r in rows if r["mode"] == "full"]
+  pairs = [(first, second) for first in full for second in full
+           if first["shots"] == second["shots"] and first["method"] < second["method"]]
+  per_k = {k: sum(first["shots"] == k for first, _ in pairs) for k in {r["shots"] for r in full}}
+  out = []
+  for first, second in pairs:
+    delta = paired_difference(first["accuracy"], second["accuracy"])
+    confidence = 1 - 0.05 / per_k[first["shots"]]
+    low, high = bootstrap_interval(delta, confidence=confidence)
+    out.append({"shots": first["shots"], "first": first["method"], "second": second["method"],
+                "difference": float(delta.mean()), "interval": [low, high],
+                "confidence": confidence, "exceeds_interval": not low <= 0.0 <= high})
+  return out
+
+
+def plot(rows: list[dict], demo_shots: int, suite: str, params_path: str,
+         shots_path: str) -> None:
   import matplotlib
 
   matplotlib.use("Agg")
@@ -125,8 +164,7 @@ def plot(rows: list[dict], demo_shots: int, params_path: str, shots_path: str) -
   ax.set_xscale("log")
   ax.set_xlabel("trained params per adapted task (zero-shot modes plotted at 1)")
   ax.set_ylabel("held-out test accuracy (%)")
-  ax.set_title(f"embedded suite, k={demo_shots} (bars: bootstrap 95% over tasks x seeds)",
-               fontsize=9)
+  ax.set_title(f"{suite}, k={demo_shots} (bars: bootstrap 95% over tasks x seeds)", fontsize=9)
   ax.legend(fontsize=7, ncol=2)
   fig.tight_layout()
   fig.savefig(params_path, dpi=110)
@@ -159,10 +197,13 @@ def plot(rows: list[dict], demo_shots: int, params_path: str, shots_path: str) -
 
 def main() -> None:
   from tensorpoly_jax import adaptation
+  from tensorpoly_jax.data import tasks
 
   parser = common.argument_parser(__doc__)
   parser.add_argument("--demo_dir", required=True, help="a finished `tensorpoly demo` run")
   parser.add_argument("--work_dir", required=True, help="where the adapt runs go")
+  parser.add_argument("--heldout", default="embedded_heldout",
+                      help="the held-out mixture: embedded_heldout or embedded_three_skill")
   parser.add_argument("--shots", type=int, nargs="+", default=[4, 8, 16, 32])
   parser.add_argument("--modes", nargs="+", default=list(adaptation.MODES))
   parser.add_argument("--arrow_top_k", type=int, default=2)
@@ -177,8 +218,12 @@ def main() -> None:
     config = dataclasses.replace(config, optimizer=dataclasses.replace(
         config.optimizer, router_learning_rate=args.router_lr))
   started = time.time()
-  rows = run_grid(args, config)
+  tasks.register_embedded(config.data_seed, config.sizes)
+  heldout = tasks.mixture_task_names(args.heldout)
+  length = targets_length(heldout, config.targets_length)
+  rows = run_grid(args, config, heldout, length)
   compared = differences(rows, config.shots)
+  between_methods = method_differences(rows)
   common.print_table(
       [{**r, "mean": 100 * r["mean"], "low": 100 * r["interval"][0],
         "high": 100 * r["interval"][1]} for r in rows],
@@ -191,14 +236,28 @@ def main() -> None:
       [("method", "method", ""), ("mode", "mode", ""), ("shots", "k", "d"),
        ("difference", "minus full", "+.1f"), ("low", "95% low", "+.1f"),
        ("high", "95% high", "+.1f"), ("exceeds_interval", "beyond", "")])
-  payload = {"demo_dir": os.path.abspath(args.demo_dir), "shots": args.shots,
+  common.print_table(
+      [{**d, "difference": 100 * d["difference"], "low": 100 * d["interval"][0],
+        "high": 100 * d["interval"][1]} for d in between_methods],
+      [("shots", "k", "d"), ("first", "full", ""), ("second", "minus", ""),
+       ("difference", "difference", "+.1f"), ("low", "95% low", "+.1f"),
+       ("high", "95% high", "+.1f"), ("exceeds_interval", "beyond", "")])
+  separated = sorted({d["shots"] for d in between_methods if d["exceeds_interval"]})
+  print("methods under full adaptation separated beyond the paired familywise interval at k ="
+        f" {separated}" if separated else "no two methods under full adaptation differ beyond"
+        " the paired familywise interval at any k")
+  payload = {"demo_dir": os.path.abspath(args.demo_dir), "heldout": args.heldout,
+             "targets_length": length, "shots": args.shots,
              "router_learning_rate": config.optimizer.router_learning_rate,
              "seeds": list(config.seeds), "arrow_top_k": args.arrow_top_k,
              "bootstrap_samples": BOOTSTRAP_SAMPLES, "rows": rows, "differences": compared,
+             "method_differences": between_methods,
              "seconds": round(time.time() - started, 1), "commit": common.git_commit()}
-  path = common.write_json("routing_modes", payload, args)
+  suite = args.heldout.removeprefix("embedded_")
+  path = common.write_json("routing_modes" if suite == "heldout" else f"routing_modes_{suite}",
+                           payload, args)
   stem = os.path.splitext(path)[0]
-  plot(rows, config.shots, f"{stem}_params.png", f"{stem}_shots.png")
+  plot(rows, config.shots, args.heldout, f"{stem}_params.png", f"{stem}_shots.png")
   print(f"wrote {path}, {stem}_params.png and {stem}_shots.png")
 
 

@@ -11,12 +11,16 @@ the encoder and of the decoder: the forward plus the activation backward through
 floor of any adapter step. MFU is model FLOPs per second over that matmul peak, each framework
 counting its own: the JAX program's FLOPs before XLA optimizes it (XLA's count of the compiled
 program misses the GPU matmuls it hands to cuBLAS; kept as ``xla_counted_flops``), torch's
-FlopCounterMode (matmuls only). Where ours costs more than
-1.3x its frozen step or more than PEFT, one more (warm) step is traced with jax.profiler and
-summarized by HLO op group (adapter or backbone, forward or backward).
+FlopCounterMode (matmuls only). Each compiled JAX step's kernels (HLO ops and fusions run per step,
+``hlo_counts``) are counted next to the frozen step's: on a GPU each is a launch. Where ours costs
+more than 1.3x its frozen step or more than PEFT, one more (warm) step is traced with jax.profiler
+and summarized by HLO op group (adapter or backbone, forward or backward).
+``--backbone_dtype bfloat16`` stores the frozen backbone in bf16 (the T0 recipe's converted
+checkpoint); PyTorch has no separate storage dtype, so PEFT's whole model, adapters included, is
+then cast to bf16 and computes in it.
 
-  python benchmarks/train_step.py [--quick] [--preset t5_1_1_large --dtype bfloat16] [--no-peft]
-      [--batch 8] [--no-profile]
+  python benchmarks/train_step.py [--quick] [--preset t5_1_1_large --dtype bfloat16]
+      [--backbone_dtype bfloat16] [--no-peft] [--batch 8] [--no-profile]
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ METHODS = tuple(common.PAPER_ADAPTERS)
 PEFT_METHODS = ("frozen", "lora", "poly")
 N_TASKS = 8
 SIZES = {
-    "default": dict(preset="t5_1_1_small", batch=8, inputs=256, targets=64, repeats=3),
+    "default": dict(preset="t5_1_1_small", batch=8, inputs=256, targets=64, repeats=10),
     "quick": dict(preset="tiny", batch=8, inputs=32, targets=8, repeats=2),
 }
 SLOWDOWN_TO_PROFILE = 1.3
@@ -46,7 +50,7 @@ def _batch(size, vocab):
   return common.lm_batch(size["batch"], size["inputs"], size["targets"], vocab, N_TASKS)
 
 
-def run_ours(size: dict, dtype: str, peft_seconds: dict):
+def run_ours(size: dict, dtype: str, peft_seconds: dict, backbone_dtype: str):
   """Every JAX configuration in this one process (the backbone arrays are shared); yields
   ``(name, result)``. Memory is XLA's buffer assignment of each compiled step. All steps are
   compiled first (``common.compile_steps``), then timed in interleaved rounds; one more step is
@@ -56,6 +60,7 @@ def run_ours(size: dict, dtype: str, peft_seconds: dict):
   import jax
   import jax.numpy as jnp
 
+  from tensorpoly_jax.hlo_counts import kernel_counts
   from tensorpoly_jax.t5.model import EncoderDecoder, dtype_named, preset
 
   trainable = {}
@@ -69,6 +74,7 @@ def run_ours(size: dict, dtype: str, peft_seconds: dict):
       params = common.random_params(model, backbone=backbone)
       backbone = backbone or params
       step, state, frozen = common.train_step(model, params)
+      frozen = jax.tree_util.tree_map(lambda leaf: leaf.astype(backbone_dtype), frozen)
       trainable[name] = int(sum(x.size for x in jax.tree_util.tree_leaves(state.params)))
       batch = {k: jnp.asarray(v) for k, v in _batch(size, model.config.vocab_size).items()}
       yield name, step, state, frozen, batch
@@ -86,11 +92,12 @@ def run_ours(size: dict, dtype: str, peft_seconds: dict):
                  "xla_counted_flops": common.executable_flops(executable),
                  "trainable_params": trainable[name],
                  "xla_mb": common.xla_step_mb(executable),
+                 **{f"hlo_{kind}": n for kind, n in kernel_counts(executable.as_text()).items()},
                  "profile": common.profile_ops(steps[name].run, executable, steps=1)
                             if slow else None}
 
 
-def run_peft(name: str, size: dict, dtype: str) -> dict:
+def run_peft(name: str, size: dict, dtype: str, backbone_dtype: str) -> dict:
   """One PEFT configuration; this process is its own, so its peak RSS growth is its memory."""
   import torch
   import transformers
@@ -107,7 +114,7 @@ def run_peft(name: str, size: dict, dtype: str) -> dict:
       pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
   device = common.torch_device()
   model = transformers.T5ForConditionalGeneration(config).to(device)
-  if dtype == "bfloat16":
+  if "bfloat16" in (dtype, backbone_dtype):
     model = model.to(torch.bfloat16)
   model.train()
   targets = ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]  # our default targets, HF names
@@ -155,10 +162,10 @@ def run_peft(name: str, size: dict, dtype: str) -> dict:
           "torch_device": device, "torch_threads": torch.get_num_threads()}
 
 
-def worker(spec: str, size: dict, dtype: str, peft_seconds: dict) -> None:
+def worker(spec: str, size: dict, dtype: str, peft_seconds: dict, backbone_dtype: str) -> None:
   framework, name = spec.split(":")
-  results = (run_ours(size, dtype, peft_seconds) if framework == "ours"
-             else [(name, run_peft(name, size, dtype))])
+  results = (run_ours(size, dtype, peft_seconds, backbone_dtype) if framework == "ours"
+             else [(name, run_peft(name, size, dtype, backbone_dtype))])
   for config, result in results:
     print("RESULT " + json.dumps({"method": config, **result}), flush=True)
 
@@ -166,6 +173,7 @@ def worker(spec: str, size: dict, dtype: str, peft_seconds: dict) -> None:
 def spawn(spec: str, args, methods, peft_seconds: dict) -> list[dict]:
   """Runs ``spec`` in a fresh process; one result per configuration it measured."""
   command = [sys.executable, os.path.abspath(__file__), "--worker", spec, "--dtype", args.dtype,
+             "--backbone_dtype", args.backbone_dtype,
              "--preset", args.preset or "", *(["--batch", str(args.batch)] if args.batch else []),
              *(["--no-profile"] if args.no_profile else []), "--methods", ",".join(methods),
              "--peft-seconds", json.dumps(peft_seconds), *(["--quick"] if args.quick else [])]
@@ -179,7 +187,10 @@ def spawn(spec: str, args, methods, peft_seconds: dict) -> list[dict]:
 def main():
   parser = common.argument_parser(__doc__)
   parser.add_argument("--preset", default=None, help="model shape (default t5_1_1_small)")
-  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="compute dtype")
+  parser.add_argument("--backbone_dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="the frozen backbone's stored dtype (adapters stay float32)")
   parser.add_argument("--batch", type=int, default=None, help="examples per step (default 8)")
   parser.add_argument("--no-peft", action="store_true", help="skip the PyTorch/PEFT side")
   parser.add_argument("--no-profile", action="store_true",
@@ -201,7 +212,7 @@ def main():
     parser.error(f"unknown --methods {unknown}; choose from {sorted(METHODS)}")
   if args.worker:
     return worker(args.worker, {**size, "methods": methods}, args.dtype,
-                  json.loads(args.peft_seconds))
+                  json.loads(args.peft_seconds), args.backbone_dtype)
 
   import jax
   import jax.numpy as jnp
@@ -227,6 +238,7 @@ def main():
   _derive(rows, size, peak)
   _report(rows)
   path = common.write_json("train_step", {"size": size, "dtype": args.dtype,
+                                         "backbone_dtype": args.backbone_dtype,
                                          "matmul_peak_flops": peak, "rows": rows}, args)
   print(f"wrote {path}")
 
@@ -234,10 +246,14 @@ def main():
 def _derive(rows, size, peak):
   tokens = size["batch"] * (size["inputs"] + size["targets"])
   frozen = {r["framework"]: r["median_s"] for r in rows if r["method"] == "frozen"}
+  frozen_fusions = next(r["hlo_fusions"] for r in rows
+                        if r["framework"] == "ours" and r["method"] == "frozen")
   peft = {r["method"]: r["median_s"] for r in rows if r["framework"] == "peft"}
   for row in rows:
     row["tokens_per_s"] = tokens / row["median_s"]
     row["x_frozen"] = row["median_s"] / frozen[row["framework"]]
+    if "hlo_fusions" in row:
+      row["fusions_x_frozen"] = row["hlo_fusions"] / frozen_fusions
     row["flops_per_s"] = row["flops"] / row["median_s"]
     row["gflops_per_s"] = row["flops_per_s"] / 1e9
     row["mfu"] = row["flops_per_s"] / peak.get("jax" if row["framework"] == "ours" else
@@ -256,10 +272,13 @@ def _report(rows):
       ("tokens_per_s", "tokens/s", ",.0f"), ("x_frozen", "x frozen", ".2f"),
       ("ours_over_peft", "ours/PEFT", ".2f"), ("gflops_per_s", "GFLOP/s", ".1f"),
       ("mfu", "MFU", ".1%"), ("xla_mb", "XLA MB", ",.0f"),
-      ("step_mb", "PyTorch MB", ",.0f"), ("trainable_params", "params", ",")])
+      ("step_mb", "PyTorch MB", ",.0f"), ("trainable_params", "params", ","),
+      ("hlo_ops", "HLO ops", ","), ("hlo_fusions", "fusions", ","),
+      ("fusions_x_frozen", "fusions x frozen", ".2f")])
   print("XLA MB: the compiled step's arguments + outputs + temporaries (XLA buffer assignment);"
         " PyTorch MB: on a GPU its peak allocated memory, on a CPU the peak resident memory"
-        " growth over the PEFT step's own process.")
+        " growth over the PEFT step's own process. HLO ops, fusions: the kernels one compiled"
+        " step runs.")
   for row in rows:
     profile = row.get("profile")
     if profile:

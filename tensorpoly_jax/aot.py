@@ -2,8 +2,10 @@
 host, or this machine's devices) from shapes alone: no weights, no data, no accelerator.
 
 Reports what a run needs before anyone pays for a pod: per-device argument / temporary / output
-bytes against the device's HBM, compile seconds, FLOPs per device and the collectives XLA inserted
-(MaxText's ``train_compile.py`` idea).
+bytes against the device's HBM, compile seconds, FLOPs per device, the collectives XLA inserted
+and the kernels a step runs (MaxText's ``train_compile.py`` idea). The ``frozen`` stage is the
+pretraining step without an adapter, only the relative position biases trained: the baseline an
+adapter step's kernels are compared with, since its backward still runs through every block.
 """
 from __future__ import annotations
 
@@ -19,15 +21,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from tensorpoly_jax import evaluation, partitioning, trainer
+from tensorpoly_jax.hlo_counts import kernel_counts
 from tensorpoly_jax.t5.model import (EncoderDecoder, T5Config, abstract_variables, merge_params,
                                      split_params)
 
-STAGES = ("backbone", "pretrain", "adapt", "eval")
+STAGES = ("backbone", "pretrain", "frozen", "adapt", "eval")
+LM_STAGES = ("backbone", "pretrain", "frozen")  # trained on the LM loss; the others on T-Few's
 # HBM per chip; a chip exposes one device per TensorCore unless it runs as a megacore.
 CHIP_HBM_GIB = {"TPU v2": 16, "TPU v3": 32, "TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95,
                 "TPU v6 lite": 32}
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _TOPOLOGY_EXAMPLES = "v4:2x2x4 (v4-32), v5e:4x4 (v5litepod-16), v5p:2x2x2, v6e:2x2, or local"
+
+
+@dataclasses.dataclass(frozen=True)
+class RelativeBiasParams(trainer.AdapterParams):
+  """The frozen stage's split: only the relative position biases train. They enter every
+  block's attention logits, so their gradient needs the whole activation backward."""
+
+  def split(self, params) -> tuple[dict, dict]:
+    return split_params(params, lambda path: "relpos_bias" in path)
 
 
 class DoesNotFit(RuntimeError):
@@ -110,7 +123,7 @@ def _abstract(tree, shardings, dtype=None):
 
 def _batch(stage: str, shapes: StepShapes, mesh, routed: bool) -> dict:
   b, l, t, c = shapes.batch_size, shapes.inputs_length, shapes.targets_length, shapes.num_choices
-  if stage in ("backbone", "pretrain"):
+  if stage in LM_STAGES:
     spec = {"encoder_input_tokens": (b, l), "decoder_input_tokens": (b, t),
             "decoder_target_tokens": (b, t), "decoder_loss_weights": (b, t)}
   else:
@@ -126,7 +139,7 @@ def lower(stage: str, config: T5Config, shapes: StepShapes, mesh, train: trainer
   """``(lowered step, its abstract sharded arguments)`` for ``stage``."""
   if stage not in STAGES:
     raise ValueError(f"--stage={stage!r} is unknown; choose one of {STAGES}.")
-  if stage == "backbone":
+  if stage in ("backbone", "frozen"):
     config = config.replace(adapter=None)
   elif config.adapter is None:
     raise ValueError(f"--stage={stage} needs an adapter: add --gin_file=adapters/<method>.gin.")
@@ -139,14 +152,15 @@ def lower(stage: str, config: T5Config, shapes: StepShapes, mesh, train: trainer
   frozen_dtype = jnp.dtype(shapes.param_dtype)
   routed = config.adapter is not None and config.adapter.routed
   batch = _batch(stage, shapes, mesh, routed)
-  train = dataclasses.replace(train, loss="lm" if stage in ("backbone", "pretrain") else "tfew",
+  train = dataclasses.replace(train, loss="lm" if stage in LM_STAGES else "tfew",
                               train_backbone=stage == "backbone")
+  trained = RelativeBiasParams() if stage == "frozen" else trainer.AdapterParams()
   if train.train_backbone:
     trainable, frozen = _abstract(variables["params"], shardings), {}
     trainable_shardings, frozen_shardings = shardings, {}
   else:
     (trainable_shapes, frozen_shapes), (trainable_shardings, frozen_shardings) = (
-        split_params(variables["params"]), split_params(shardings))
+        trained.split(variables["params"]), trained.split(shardings))
     trainable = _abstract(trainable_shapes, trainable_shardings)
     frozen = _abstract(frozen_shapes, frozen_shardings, frozen_dtype)
   if stage == "eval":
@@ -154,7 +168,7 @@ def lower(stage: str, config: T5Config, shapes: StepShapes, mesh, train: trainer
             batch["choice_tokens"], batch.get("task_ids"))
     return evaluation.Scorer(model, mesh).score.lower(*args), args
   steps = trainer.build_steps(model, train, mesh, trainable, trainable_shardings,
-                              frozen_shardings)
+                              frozen_shardings, trained)
   state = _abstract(jax.eval_shape(steps.init, trainable, jax.random.PRNGKey(0)),
                     steps.state_shardings)
   return steps.step.lower(state, frozen, batch), (state, frozen, batch)
@@ -171,7 +185,8 @@ def argument_bytes(args) -> int:
 
 
 def collectives(hlo_text: str) -> dict[str, int]:
-  """How many of each collective op the compiled HLO holds (async start/done pairs once)."""
+  """How many of each collective op the compiled HLO holds (async start/done pairs once), each
+  once however often it runs (``kernels`` counts what runs per step)."""
   counts = collections.Counter()
   for op in COLLECTIVES:
     counts[op] = len(re.findall(rf"= [^=]*?\b{op}(-start)?\(", hlo_text))
@@ -196,14 +211,16 @@ def compile_stage(stage: str, config: T5Config, shapes: StepShapes, topology: st
       raise
     temp, hbm = (int(float(x) * 2**30) for x in over.groups())
     memory = dict(argument=argument_bytes(args), output=0, temp=temp, alias=0)
-    flops, ops = float("nan"), {}
+    flops, ops, kernels = float("nan"), {}, {}
   else:
     analysis = compiled.memory_analysis()
     memory = dict(argument=analysis.argument_size_in_bytes, output=analysis.output_size_in_bytes,
                   temp=analysis.temp_size_in_bytes, alias=analysis.alias_size_in_bytes)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops, ops = float((cost or {}).get("flops", np.nan)), collectives(compiled.as_text())
+    hlo_text = compiled.as_text()
+    flops, ops, kernels = (float((cost or {}).get("flops", np.nan)), collectives(hlo_text),
+                           kernel_counts(hlo_text))
   seconds = time.perf_counter() - started
   per_device = memory["argument"] + memory["output"] + memory["temp"] - memory["alias"]
   return {
@@ -212,7 +229,7 @@ def compile_stage(stage: str, config: T5Config, shapes: StepShapes, topology: st
       "model": {"layers": [config.num_encoder_layers, config.num_decoder_layers],
                 "emb_dim": config.emb_dim, "scan_layers": config.scan_layers,
                 "remat": config.remat, "dtype": jnp.dtype(config.dtype).name,
-                "adapter": None if stage == "backbone" or config.adapter is None
+                "adapter": None if stage in ("backbone", "frozen") or config.adapter is None
                 else config.adapter.method},
       "shapes": dataclasses.asdict(shapes),
       "compile_seconds": round(seconds, 1),
@@ -222,6 +239,7 @@ def compile_stage(stage: str, config: T5Config, shapes: StepShapes, topology: st
       "fits": None if hbm is None else bool(per_device <= hbm),
       "flops_per_device": flops,
       "collectives": ops,
+      "kernels": kernels,
   }
 
 
@@ -252,7 +270,7 @@ def format_report(report: dict) -> str:
   hbm = "unknown" if report["hbm_bytes"] is None else _gib(report["hbm_bytes"])
   model = report["model"]
   lines = [
-      f"stage {report['stage']} ({model['adapter'] or 'backbone only'}), {model['layers'][0]}+"
+      f"stage {report['stage']} ({model['adapter'] or 'no adapter'}), {model['layers'][0]}+"
       f"{model['layers'][1]} layers, d={model['emb_dim']}, scan={model['scan_layers']},"
       f" remat={model['remat']}, {model['dtype']}",
       f"target {report['topology']}: {report['devices']} x {report['device_kind']}, mesh {mesh}",
@@ -265,4 +283,10 @@ def format_report(report: dict) -> str:
       "collectives: " + (", ".join(f"{op} x{n}" for op, n in report["collectives"].items())
                          or "none"),
   ]
+  if report["kernels"]:
+    kernels = report["kernels"]
+    lines.append(f"kernels per step: {kernels['ops']:,} ops, of which {kernels['fusions']:,}"
+                 " fusions" + (f" (at least: {kernels['unknown_trip_counts']} loop(s) of unknown"
+                               " trip count counted once)" if kernels["unknown_trip_counts"]
+                               else ""))
   return "\n".join(lines)

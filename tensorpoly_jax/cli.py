@@ -204,7 +204,11 @@ def _registered_data(args):
 def _data(args) -> int:
   """Registers a data setup and reads every task of its mixture and held-out tasks; exit 1 when
   one cannot be used."""
-  return commands.check_data(*_registered_data(args))
+  registered = _registered_data(args)
+  # A user's own data file may leave the length to the run files.
+  length = (reference.macro_value("TARGETS_LENGTH")
+            if "TARGETS_LENGTH" in reference.defined_macros() else None)
+  return commands.check_data(*registered, targets_length=length)
 
 
 def _compile(args) -> int:
@@ -289,10 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a macro and its values; repeat for a grid")
   _add_multihost(sweep)
   compile_ = add("compile", "ahead-of-time compile of a step for a TPU topology: memory, time,"
-                 " FLOPs", _compile, gin=True)
+                 " FLOPs, kernels", _compile, gin=True)
   compile_.set_defaults(first_gin_files=("runs/compile.gin",))
   compile_.add_argument("--stage", choices=aot.STAGES, default="pretrain",
-                        help="the step to compile (default: %(default)s)")
+                        help="the step to compile (default: %(default)s; frozen: the"
+                        " pretraining step's floor, no adapter, for comparing kernel counts)")
   compile_.add_argument("--topology", default="local", metavar="NAME",
                         help="a TPU topology (v4:2x2x4, v5e:4x4; needs libtpu) or 'local'")
   compile_.add_argument("--json", default=None, metavar="PATH",

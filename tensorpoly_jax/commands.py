@@ -56,16 +56,17 @@ def data_setup(suite: str = "embedded", seed: int = 0, data_dir: str | None = No
   raise ValueError(f"data suite {suite!r} is unknown; choose one of {SUITES}.")
 
 
-def check_data(routing_ids: dict[str, int], mixture: str, heldout) -> int:
+def check_data(routing_ids: dict[str, int], mixture: str, heldout,
+               targets_length: int | None = None) -> int:
   """Prints what each task of the training mixture and each held-out task reads; 1 when a task
-  cannot be used, else 0."""
+  cannot be used, else 0. Held-out answer choices longer than ``targets_length`` are warned of."""
   training, held = task_list(mixture), task_list(heldout)
   print(f"training mixture {mixture!r}: {len(training)} tasks; routing id map of"
         f" {len(routing_ids)} tasks")
   unusable = []
   for names, heldout_role in ((training, False), (held, True)):
     for name in names:
-      report = check.report_task(name, heldout_role)
+      report = check.report_task(name, heldout_role, targets_length)
       print(check.format_report(report, verbose=heldout_role), flush=True)
       if report.problems:
         unusable.append(name)

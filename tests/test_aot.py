@@ -74,3 +74,22 @@ def test_local_compile_of_the_tiny_model_reports_its_memory(tmp_path):
   report = json.loads(out.read_text())
   assert report["stage"] == "adapt" and report["mesh"] == {"data": jax.device_count(), "model": 1}
   assert report["per_device_bytes"] > 0 and report["device_kind"] == "cpu"
+
+
+def test_frozen_stage_trains_only_the_relative_biases(tmp_path):
+  from tensorpoly_jax.t5.model import EncoderDecoder, abstract_variables, preset
+
+  for scan in (False, True):  # scanned blocks stack their params; the biases stay outside them
+    params = abstract_variables(EncoderDecoder(preset("tiny", scan_layers=scan)))["params"]
+    trained, frozen = aot.RelativeBiasParams().split(params)
+    assert {k: set(v) for k, v in trained.items()} == {"encoder": {"relpos_bias"},
+                                                       "decoder": {"relpos_bias"}}
+    assert "relpos_bias" not in frozen["encoder"] and "relpos_bias" not in frozen["decoder"]
+    assert aot.RelativeBiasParams().merge(trained, frozen) == params
+  out = tmp_path / "frozen.json"
+  assert cli.main(["compile", "--stage=frozen", "--gin_file=models/tiny.gin",
+                   "--gin_file=adapters/poly.gin", "--topology=local", "--gin.BATCH_SIZE=8",
+                   "--gin.INPUTS_LENGTH=16", "--gin.TARGETS_LENGTH=8", f"--json={out}"]) == 0
+  report = json.loads(out.read_text())
+  assert report["model"]["adapter"] is None  # the adapter in the gin files is left out
+  assert 0 < report["kernels"]["fusions"] <= report["kernels"]["ops"]

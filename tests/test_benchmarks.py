@@ -33,6 +33,10 @@ def test_train_step_against_frozen_and_peft(run_benchmark, tmp_path):
   # Same adapter size as PEFT's Poly on the same targets (router rows included).
   assert rows["ours", "poly"]["trainable_params"] == rows["peft", "poly"]["trainable_params"]
   assert result["matmul_peak_flops"]["jax"] > 0 and rows["ours", "poly"]["flops"] > 0
+  # The router and the per-example mix are kernels the frozen step does not run.
+  assert rows["ours", "poly"]["hlo_fusions"] > rows["ours", "frozen"]["hlo_fusions"] > 0
+  assert rows["ours", "poly"]["fusions_x_frozen"] == pytest.approx(
+      rows["ours", "poly"]["hlo_fusions"] / rows["ours", "frozen"]["hlo_fusions"])
   for row in rows.values():  # profiled exactly where slower than 1.3x frozen or than PEFT
     slow = row["x_frozen"] > 1.3 or row.get("ours_over_peft", 0) > 1.0
     assert (row.get("profile") is not None) == (row["framework"] == "ours" and slow), row
@@ -65,13 +69,21 @@ def test_eval_throughput_cost_growth_and_adapter_layer(run_benchmark, tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="needs libtpu (pip install 'tensorpoly-jax[tpu]'; .ci/run installs it)")
 def test_compile_benchmark_compares_scanned_with_per_layer(run_benchmark, tmp_path):
-  result, stdout = run_benchmark("compile.py", tmp_path / "compile.json", "--methods", "lora")
-  rows = {(r["depth"], r["scan"]): r for r in result["rows"]}
-  assert set(rows) == {(1, False), (2, True), (1, True)}  # no per-layer run at the deepest
-  for (depth, scan), row in rows.items():
+  result, stdout = run_benchmark("compile.py", tmp_path / "compile.json", "--methods",
+                                 "frozen,lora", "--depths", "1,2", "--unscanned_depths", "1")
+  rows = {(r["method"], r["depth"], r["scan"]): r for r in result["rows"]}
+  assert set(rows) == {(m, *key) for m in ("frozen", "lora")
+                       for key in ((1, False), (1, True), (2, True))}
+  for (method, depth, scan), row in rows.items():
     assert row["compile_s"] > 0 and 0 < row["per_device_gib"] < 16 and row["fits"] is True
     assert (row["x_faster_than_per_layer"] is not None) == (scan and depth == 1)
-  assert "x per-layer" in stdout
+    floor = rows["frozen", depth, scan]
+    assert row["fusions_x_frozen"] == pytest.approx(row["hlo_fusions"] / floor["hlo_fusions"])
+    assert row["hlo_unknown_trip_counts"] == 0
+    assert (row["fusions_x_frozen"] > 1) == (method == "lora")
+  # A scanned stack's body runs once per layer: one more layer, more kernels.
+  assert rows["frozen", 2, True]["hlo_ops"] > rows["frozen", 1, True]["hlo_ops"]
+  assert "x per-layer" in stdout and "fusions x frozen" in stdout
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,

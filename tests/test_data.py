@@ -334,7 +334,7 @@ def test_heldout_tasks_have_a_test_split_that_leaves_the_others_unchanged():
   without = embedded.generate(0, embedded.Sizes(10, 2, 12, 8, 0))
   suite = embedded.generate(0, embedded.Sizes(10, 2, 12, 8, 9))
   for task, splits in suite.items():
-    heldout = task in embedded.HELDOUT_TASKS
+    heldout = task in embedded.EVALUATED_TASKS
     assert tuple(splits) == (embedded.HELDOUT_SPLITS if heldout else embedded.TRAIN_SPLITS)
     assert all(splits[s] == without[task][s] for s in embedded.TRAIN_SPLITS)
     if heldout:
@@ -350,10 +350,48 @@ def test_embedded_answers_compute_the_skills():
   assert row["targets"] == f"max={digits.max()} evens={(digits % 2 == 0).sum()}"
 
 
+def test_three_skill_suite_composes_untrained_pairs_and_leaves_the_first_suite_unchanged(
+    monkeypatch):
+  train_pairs = {frozenset(s) for s in embedded.TRAIN_TASKS.values()}
+  for task, skills in embedded.THREE_SKILL_TASKS.items():
+    assert len(set(skills)) == 3 and task not in {**embedded.TRAIN_TASKS, **embedded.HELDOUT_TASKS}
+    assert not any(frozenset((a, b)) in train_pairs for a in skills for b in skills if a != b)
+  small = embedded.Sizes(6, 2, 12, 4, 4)
+  suite = embedded.generate(0, small)
+  reference = {"first": lambda d: d[0], "second": lambda d: d[1], "third": lambda d: d[2],
+               "last": lambda d: d[-1], "max": np.max, "min": np.min,
+               "evens": lambda d: int((d % 2 == 0).sum()), "bigs": lambda d: int((d > 4).sum())}
+  for task in embedded.THREE_SKILL_TASKS:
+    for row in suite[task]["test"]:
+      digits = np.array([int(c) for c in row["inputs"].split(task)[1] if c.isdigit()])
+      fields = dict(field.split("=") for field in row["targets"].split())
+      assert len(fields) == 3 and len(row["answer_choices"]) == 4
+      assert all(int(value) == reference[name](digits) for name, value in fields.items())
+  first_suite = {t: v for t, v in suite.items() if t not in embedded.THREE_SKILL_TASKS}
+  monkeypatch.setattr(embedded, "THREE_SKILL_TASKS", {})
+  monkeypatch.setattr(embedded, "EVALUATED_TASKS", dict(embedded.HELDOUT_TASKS))
+  assert embedded.generate(0, small) == first_suite
+
+
 def test_embedded_registration_ids_and_heldout(two_tasks):
   ids = tasks.register_embedded(0, embedded.Sizes(10, 2, 20, 8))
   assert len(ids) == len(embedded.TRAIN_TASKS) * len(embedded.TEMPLATES)
   assert tasks.mixture_task_names(tasks.EMBEDDED_HELDOUT) == sorted(
       tasks.embedded_heldout_task(t) for t in embedded.HELDOUT_TASKS)
+  assert tasks.mixture_task_names(tasks.EMBEDDED_THREE_SKILL) == sorted(
+      tasks.embedded_heldout_task(t) for t in embedded.THREE_SKILL_TASKS)
   rows = source_rows(tasks.embedded_heldout_task("yew"), "validation")
   assert len(rows) == 8 and all("yew" in r["inputs"] for r in rows)
+
+
+def test_data_check_warns_of_answer_choices_past_the_targets_length(two_tasks):
+  from tensorpoly_jax.data import check
+
+  tasks.register_embedded(0, embedded.Sizes(10, 2, 40, 8, 8))  # a pool for the suite's k=32
+  name = tasks.embedded_heldout_task("hemlock")  # "second=2 last=6 evens=5": 24 tokens with EOS
+  longest = max(len(choice) + 1 for split in ("train", "validation", "test")
+                for row in source_rows(name, split) for choice in row["answer_choices"])
+  cut = check.report_task(name, heldout=True, targets_length=longest - 1)
+  assert len(cut.warnings) == 1 and f"longest {longest} with EOS" in cut.warnings[0]
+  assert not cut.problems and "WARNING" in check.format_report(cut, verbose=True)
+  assert check.report_task(name, heldout=True, targets_length=longest).warnings == ()

@@ -130,3 +130,30 @@ def test_routing_modes_compares_each_mode_with_full_on_the_same_cells():
   assert not compared["uniform", 0]["exceeds_interval"]
   low, high = routing_modes.bootstrap_interval(routing_modes.cells(full))
   assert 0.6 <= low < 0.75 < high <= 0.9
+
+
+def test_routing_modes_compares_every_pair_of_methods_under_full_adaptation():
+  base = {"a": {"0": 0.9, "1": 0.6}, "b": {"0": 0.7, "1": 0.8}}
+  shifted = lambda by: {t: {s: v + by for s, v in seeds.items()} for t, seeds in base.items()}
+  rows = [{"method": "lora", "mode": "full", "shots": 4, "accuracy": shifted(0.05)},
+          {"method": "poly", "mode": "full", "shots": 4, "accuracy": base},
+          {"method": "tlora", "mode": "full", "shots": 4, "accuracy": base},
+          {"method": "poly", "mode": "full", "shots": 8, "accuracy": base},  # alone at k=8
+          {"method": "poly", "mode": "router", "shots": 4, "accuracy": shifted(0.3)}]
+  compared = {(d["shots"], d["first"], d["second"]): d
+              for d in routing_modes.method_differences(rows)}
+  assert compared.keys() == {(4, "lora", "poly"), (4, "lora", "tlora"), (4, "poly", "tlora")}
+  assert compared[4, "lora", "poly"]["difference"] == pytest.approx(0.05)
+  assert compared[4, "lora", "poly"]["exceeds_interval"]
+  assert compared[4, "lora", "poly"]["confidence"] == pytest.approx(1 - 0.05 / 3)  # 3 pairs at k=4
+  assert compared[4, "poly", "tlora"]["interval"] == pytest.approx([0.0, 0.0])
+  assert not compared[4, "poly", "tlora"]["exceeds_interval"]
+
+
+def test_routing_modes_pairs_only_the_cells_both_runs_finished():
+  done = {"a": {"0": 0.9, "1": 0.6}, "b": {"0": 0.7}}
+  other = {"a": {"0": 0.5, "1": 0.4}, "b": {"0": 0.6, "1": 0.1}}  # b, seed 1: only here
+  assert routing_modes.paired_difference(done, other) == pytest.approx([0.4, 0.2, 0.1])
+  values = routing_modes.cells(other)
+  narrow, wide = (routing_modes.bootstrap_interval(values, confidence=c) for c in (0.5, 0.995))
+  assert wide[0] < narrow[0] < narrow[1] < wide[1]

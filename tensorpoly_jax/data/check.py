@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from tensorpoly_jax.data import fewshot, tasks
+from tensorpoly_jax.data import choices, fewshot, tasks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,12 +19,16 @@ class TaskReport:
   num_shots: int | None
   sample: dict | None  # one rendered row of the last split
   problems: tuple[str, ...]  # why the task cannot be used (empty: usable)
+  warnings: tuple[str, ...] = ()  # usable, but scored otherwise than the rows say
 
 
-def report_task(name: str, heldout: bool) -> TaskReport:
-  """Reads every split of a registered task; a read that fails becomes a problem, not a crash."""
+def report_task(name: str, heldout: bool, targets_length: int | None = None) -> TaskReport:
+  """Reads every split of a registered task; a read that fails becomes a problem, not a crash.
+  With ``targets_length``, a held-out task's answer choices longer than it (with their EOS) are
+  a warning: rank classification scores only their first ``targets_length`` tokens."""
   info = tasks.task_info(name)
   rows, examples, dropped, problems, sample = {}, {}, {}, [], None
+  choice_lengths = []
   for split in info.splits:
     try:
       read = info.read(split, None)
@@ -38,10 +42,17 @@ def report_task(name: str, heldout: bool) -> TaskReport:
       problems.append(f"{split}: no usable rows")
     else:
       sample = read.rows[0]
+    if heldout and targets_length is not None:
+      choice_lengths += [len(choices.encode_choice(info.vocabulary, choice)) for row in read.rows
+                         for choice in row["answer_choices"]]
   if heldout:
     problems += _heldout_problems(info, examples)
+  cut = [n for n in choice_lengths if n > targets_length]
+  warnings = (f"{len(cut)} of {len(choice_lengths)} answer choices are longer than"
+              f" TARGETS_LENGTH={targets_length} tokens (longest {max(cut)} with EOS) and are"
+              f" scored on their first {targets_length}; raise TARGETS_LENGTH",) if cut else ()
   return TaskReport(name, heldout, rows, examples, dropped, info.templates, info.num_shots,
-                    sample, tuple(problems))
+                    sample, tuple(problems), warnings)
 
 
 def _heldout_problems(info, examples) -> list[str]:
@@ -70,6 +81,7 @@ def format_report(report: TaskReport, verbose: bool) -> str:
   for split, reasons in report.dropped.items():
     lines += [f"    dropped from {split}: {count} x {reason}" for reason, count in reasons.items()]
   lines += [f"    PROBLEM {problem}" for problem in report.problems]
+  lines += [f"    WARNING {warning}" for warning in report.warnings]
   if verbose and report.sample:
     lines.append(f"    templates: {', '.join(report.templates)}")
     lines.append(f"    example inputs:  {report.sample['inputs']!r}")

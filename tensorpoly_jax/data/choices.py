@@ -73,6 +73,11 @@ def one_row_per_example(arrays: dict, seed: int) -> dict:
           for key, value in arrays.items()}
 
 
+def encode_choice(vocabulary, choice: str) -> list[int]:
+  """An answer choice's tokens as rank classification scores them: with its EOS."""
+  return vocabulary.encode(choice) + [EOS_ID]
+
+
 def example_groups(example_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """``(starts, counts)`` of the runs of equal example ids (rows of one example are adjacent)."""
   if len(example_ids) == 0:
@@ -108,7 +113,7 @@ def _arrays(task_name: str, split: str, inputs_length: int, targets_length: int,
   truncated = 0
   for i, row in enumerate(rows):
     for j, choice in enumerate(row["answer_choices"]):
-      encoded = vocabulary.encode(choice) + [EOS_ID]
+      encoded = encode_choice(vocabulary, choice)
       truncated += len(encoded) > targets_length
       choice_tokens[i, j] = _pad(encoded, targets_length)
   counts = np.asarray([len(row["answer_choices"]) for row in rows], np.int32)

@@ -31,6 +31,12 @@ pine {min, last}.
 Held-out tasks (4), new compositions of skills that training tasks use:
 willow {first, min}, yew {second, last}, rowan {max, evens}, aspen {third, bigs}.
 
+A second, harder held-out suite (4 tasks) composes three skills, no two of which any training
+task composes together, and always asks among 4 choices: cypress {first, third, min},
+hemlock {second, last, evens}, linden {last, max, evens}, poplar {first, min, bigs}. Its
+answers have a third field no training answer has. Adding it left the first suite's examples
+unchanged (every task draws from its own seed).
+
 Training tasks have ``train`` and ``validation`` splits. A held-out task has a ``train`` split,
 the pool its few shots are drawn from; a ``validation`` split, the only one that choosing settings
 (a sweep) reads; and a ``test`` split, the only one a report reads.
@@ -46,6 +52,7 @@ a handful of examples.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 
@@ -57,13 +64,18 @@ TRAIN_TASKS = {
     "oak": (2, 4), "pine": (3, 5),
 }
 HELDOUT_TASKS = {"willow": (0, 5), "yew": (1, 3), "rowan": (4, 6), "aspen": (2, 7)}
+THREE_SKILL_TASKS = {"cypress": (0, 2, 5), "hemlock": (1, 3, 6), "linden": (3, 4, 6),
+                     "poplar": (0, 5, 7)}
+EVALUATED_TASKS = {**HELDOUT_TASKS, **THREE_SKILL_TASKS}  # each has the held-out splits
 TEMPLATES = (
     "{task}: {digits} ->",
     "task {task}. input {digits}. answer:",
     "what does {task} say about {digits}?",
 )
 # Choices per task (2 to 4), so that the evaluation mixes binary and 4-way questions.
-NUM_CHOICES = {name: 2 + i % 3 for i, name in enumerate(sorted({**TRAIN_TASKS, **HELDOUT_TASKS}))}
+NUM_CHOICES = {
+    **{name: 2 + i % 3 for i, name in enumerate(sorted({**TRAIN_TASKS, **HELDOUT_TASKS}))},
+    **dict.fromkeys(THREE_SKILL_TASKS, 4)}
 TRAIN_SPLITS = ("train", "validation")
 HELDOUT_SPLITS = ("train", "validation", "test")
 
@@ -113,7 +125,7 @@ def _choices(task: str, skills, digits, rng) -> tuple[list[str], int]:
 
 
 def make_example(task: str, template: int, rng) -> dict:
-  skills = {**TRAIN_TASKS, **HELDOUT_TASKS}[task]
+  skills = {**TRAIN_TASKS, **EVALUATED_TASKS}[task]
   digits = rng.integers(0, 10, NUM_DIGITS)
   choices, label = _choices(task, skills, digits, rng)
   return {
@@ -128,13 +140,14 @@ def make_example(task: str, template: int, rng) -> dict:
 def generate(seed: int = 0, sizes: Sizes = Sizes()) -> dict[str, dict[str, list[dict]]]:
   """``{task: {split: [example, ...]}}``, byte-identical for the same seed and sizes.
 
-  Training tasks have every template at equal counts; held-out examples draw a template at
-  random per example (as the T0 evaluation does with its prompts).
+  Training tasks have every template at equal counts; held-out examples (both suites) draw a
+  template at random per example (as the T0 evaluation does with its prompts).
   """
   suite = {}
-  for index, task in enumerate(sorted(TRAIN_TASKS) + sorted(HELDOUT_TASKS)):
+  order = sorted(TRAIN_TASKS) + sorted(HELDOUT_TASKS) + sorted(THREE_SKILL_TASKS)
+  for index, task in enumerate(order):
     rng = np.random.default_rng([seed, index])
-    heldout = task in HELDOUT_TASKS
+    heldout = task in EVALUATED_TASKS
     suite[task] = {}
     # Held-out tasks draw their test split last: the other splits stay as they were without it.
     for split in HELDOUT_SPLITS if heldout else TRAIN_SPLITS:
@@ -149,14 +162,19 @@ def generate(seed: int = 0, sizes: Sizes = Sizes()) -> dict[str, dict[str, list[
 
 
 def check_compositions() -> None:
-  """Held-out compositions are new, and every skill they use is trained (asserted at import)."""
+  """Held-out compositions are new, every skill they use is trained, and no two skills of a
+  three-skill task are a training composition (asserted at import)."""
   train_sets = {frozenset(s) for s in TRAIN_TASKS.values()}
   trained_skills = {s for skills in TRAIN_TASKS.values() for s in skills}
-  for task, skills in HELDOUT_TASKS.items():
+  for task, skills in EVALUATED_TASKS.items():
     if frozenset(skills) in train_sets:
       raise AssertionError(f"held-out task {task} repeats a training composition {skills}")
     if not set(skills) <= trained_skills:
       raise AssertionError(f"held-out task {task} uses untrained skills {set(skills) - trained_skills}")
+  for task, skills in THREE_SKILL_TASKS.items():
+    trained_pairs = [p for p in itertools.combinations(skills, 2) if frozenset(p) in train_sets]
+    if len(set(skills)) != 3 or trained_pairs:
+      raise AssertionError(f"three-skill task {task} {skills}: trained pairs {trained_pairs}")
 
 
 check_compositions()

@@ -38,6 +38,7 @@ logging.getLogger("absl").addFilter(_InMemorySourceFilter())
 
 EMBEDDED_TRAIN = "embedded_train"
 EMBEDDED_HELDOUT = "embedded_heldout"
+EMBEDDED_THREE_SKILL = "embedded_three_skill"
 EMBEDDED_SHOTS = 32  # the embedded held-out tasks' k when a run sets none
 NO_TASK_ID = -1
 POOL_SPLIT = "train"  # a held-out task's few-shot pool in every suite
@@ -286,8 +287,9 @@ def embedded_heldout_task(task: str) -> str:
 def register_embedded(seed: int = 0, sizes: embedded.Sizes = embedded.Sizes()) -> dict[str, int]:
   """Registers the mini-T0 suite; returns the training mixture's routing id map.
 
-  Mixtures: ``embedded_train`` (every training (task, template) pair, equal rates) and
-  ``embedded_heldout`` (the held-out tasks, random template per example).
+  Mixtures: ``embedded_train`` (every training (task, template) pair, equal rates),
+  ``embedded_heldout`` (the held-out tasks, random template per example) and
+  ``embedded_three_skill`` (the harder held-out suite: three skills per task).
   """
   vocabulary = byte_vocabulary()
   suite = lambda: _embedded_suite(seed, sizes)
@@ -300,12 +302,14 @@ def register_embedded(seed: int = 0, sizes: embedded.Sizes = embedded.Sizes()) -
     register_task(name, in_memory(rows_fn, embedded.TRAIN_SPLITS, vocabulary, task_id=ids[name],
                                   templates=(embedded.TEMPLATES[template],)))
   add_mixture(EMBEDDED_TRAIN, [(name, 1.0) for name in sorted(names)])
-  for task in embedded.HELDOUT_TASKS:
+  for task in embedded.EVALUATED_TASKS:
     rows_fn = lambda split, task=task: suite()[task][split]
     register_task(embedded_heldout_task(task),
                   in_memory(rows_fn, embedded.HELDOUT_SPLITS, vocabulary,
                             templates=embedded.TEMPLATES, num_shots=EMBEDDED_SHOTS))
-  add_mixture(EMBEDDED_HELDOUT, [(embedded_heldout_task(t), 1.0) for t in sorted(embedded.HELDOUT_TASKS)])
+  for mixture, suite_tasks in ((EMBEDDED_HELDOUT, embedded.HELDOUT_TASKS),
+                               (EMBEDDED_THREE_SKILL, embedded.THREE_SKILL_TASKS)):
+    add_mixture(mixture, [(embedded_heldout_task(t), 1.0) for t in sorted(suite_tasks)])
   return ids
 
 

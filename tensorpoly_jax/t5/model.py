@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -347,12 +347,13 @@ def abstract_variables(model: EncoderDecoder):
       task_ids=jnp.zeros((1,), jnp.int32)))
 
 
-def split_params(params) -> tuple[dict, dict]:
-  """``(adapter params, frozen backbone params)`` as two flat-path dicts' nested forms."""
+def split_params(params, trained: Callable[[tuple[str, ...]], bool] = is_adapter_path
+                 ) -> tuple[dict, dict]:
+  """``(params whose path is trained, the others)``, by default ``(adapter params, frozen
+  backbone params)``, as two flat-path dicts' nested forms."""
   flat = traverse_util.flatten_dict(unfreeze(params))
-  adapter = {k: v for k, v in flat.items() if is_adapter_path(k)}
-  backbone = {k: v for k, v in flat.items() if not is_adapter_path(k)}
-  return traverse_util.unflatten_dict(adapter), traverse_util.unflatten_dict(backbone)
+  return (traverse_util.unflatten_dict({k: v for k, v in flat.items() if trained(k)}),
+          traverse_util.unflatten_dict({k: v for k, v in flat.items() if not trained(k)}))
 
 
 def merge_params(adapter, backbone) -> dict:
