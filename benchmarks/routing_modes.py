@@ -240,8 +240,8 @@ def main() -> None:
       [{**d, "difference": 100 * d["difference"], "low": 100 * d["interval"][0],
         "high": 100 * d["interval"][1]} for d in between_methods],
       [("shots", "k", "d"), ("first", "full", ""), ("second", "minus", ""),
-       ("difference", "difference", "+.1f"), ("low", "95% low", "+.1f"),
-       ("high", "95% high", "+.1f"), ("exceeds_interval", "beyond", "")])
+       ("difference", "difference", "+.1f"), ("low", "familywise low", "+.1f"),
+       ("high", "familywise high", "+.1f"), ("exceeds_interval", "beyond", "")])
   separated = sorted({d["shots"] for d in between_methods if d["exceeds_interval"]})
   print("methods under full adaptation separated beyond the paired familywise interval at k ="
         f" {separated}" if separated else "no two methods under full adaptation differ beyond"
