@@ -189,7 +189,10 @@ def plot(rows: list[dict], demo_shots: int, suite: str, params_path: str,
     ax.set_title(method, fontsize=9)
     ax.set_xlabel("shots k")
   np.atleast_1d(axes)[0].set_ylabel("held-out test accuracy (%)")
-  np.atleast_1d(axes)[0].legend(fontsize=6)
+  # One legend for every mode: the first panel may be a method with `full` only.
+  labelled = {label: handle for ax in np.atleast_1d(axes)
+              for handle, label in zip(*ax.get_legend_handles_labels())}
+  np.atleast_1d(axes)[0].legend(labelled.values(), labelled.keys(), fontsize=6)
   fig.tight_layout()
   fig.savefig(shots_path, dpi=110)
   plt.close(fig)
