@@ -23,6 +23,20 @@ import common  # noqa: E402  pylint: disable=wrong-import-position
 from tensorpoly_jax import aot  # noqa: E402
 from tensorpoly_jax.t5.model import RunOptions, preset  # noqa: E402
 
+def kernel_group(op_name: str) -> str:
+  """Where a fusion comes from, by its JAX op path: the adapter (its router, its factor build, its
+  products) or the backbone, forward or backward (remat's recomputation included) or with no
+  autodiff mark (the optimizer, norms and checks, and ops XLA moved out of both passes)."""
+  direction = ("backward" if "transpose(" in op_name else "forward" if "jvp(" in op_name
+               else "unmarked")
+  if "/adapter/" not in op_name:
+    return f"backbone {direction}" if op_name else "no op path"
+  inner = op_name.split("/adapter/", 1)[1]
+  part = ("router" if "router" in inner else
+          "factor build" if "factors" in inner or "skill_vectors" in inner else "products")
+  return f"adapter {part} {direction}"
+
+
 ADAPTERS = {"frozen": None, **{name: common.paper_adapter(name) for name in common.PAPER_ADAPTERS}}
 SIZES = {
     "default": dict(preset="t0_3b", topology="v4:2x2x4", depths=(2, 8, 24), batch=32, length=256),
@@ -61,7 +75,7 @@ def main():
                                       num_decoder_layers=depth)).replace(
                                           scan_layers=scan, adapter=ADAPTERS[method])
         report = aot.compile_stage("frozen" if method == "frozen" else "pretrain", config,
-                                   shapes, size["topology"])
+                                   shapes, size["topology"], kernel_group=kernel_group)
         rows.append({"method": method, "layers": f"{depth}+{depth}", "depth": depth,
                      "scan": scan, "compile_s": report["compile_seconds"],
                      "per_device_gib": report["per_device_bytes"] / 2**30,
@@ -88,6 +102,11 @@ def main():
                             ("hlo_ops", "HLO ops", ","), ("hlo_fusions", "fusions", ","),
                             ("fusions_x_frozen", "fusions x frozen", ".2f")])
   print("HLO ops, fusions: kernels one step runs (a scanned stack's body once per layer)")
+  for row in rows:
+    groups = row.get("hlo_fusions_by_group") or {}
+    print(f"\n{row['method']} {row['layers']} scan={row['scan']}: fusions by origin")
+    for label, count in groups.items():
+      print(f"  {count:8,}  {label}")
   path = common.write_json("compile", {"size": {**size, "depths": list(size["depths"])},
                                        "shapes": dataclasses.asdict(shapes),
                                        "unscanned_depths": list(unscanned), "rows": rows}, args)

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -194,8 +195,10 @@ def collectives(hlo_text: str) -> dict[str, int]:
 
 
 def compile_stage(stage: str, config: T5Config, shapes: StepShapes, topology: str,
-                  train: trainer.TrainConfig | None = None) -> dict:
-  """Compiles ``stage`` for ``topology`` and returns the report (see ``tensorpoly compile``)."""
+                  train: trainer.TrainConfig | None = None,
+                  kernel_group: Callable[[str], str] | None = None) -> dict:
+  """Compiles ``stage`` for ``topology`` and returns the report (see ``tensorpoly compile``);
+  ``kernel_group`` also counts its fusions by group (``hlo_counts.kernel_counts``)."""
   devices = target_devices(topology)
   mesh = make_mesh(devices, shapes)
   train = train or shapes.train_config()
@@ -220,7 +223,7 @@ def compile_stage(stage: str, config: T5Config, shapes: StepShapes, topology: st
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     hlo_text = compiled.as_text()
     flops, ops, kernels = (float((cost or {}).get("flops", np.nan)), collectives(hlo_text),
-                           kernel_counts(hlo_text))
+                           kernel_counts(hlo_text, kernel_group))
   seconds = time.perf_counter() - started
   per_device = memory["argument"] + memory["output"] + memory["temp"] - memory["alias"]
   return {

@@ -7,7 +7,9 @@ time that the FLOPs do not show, and the counts show them on any host, without t
 """
 from __future__ import annotations
 
+import collections
 import re
+from typing import Callable
 
 # Instructions that move no data and run no kernel; an asynchronous op's ``-done`` half is the
 # wait for its ``-start`` (counted once, as the start).
@@ -21,6 +23,7 @@ _BOUND = re.compile(r"^\s*ROOT %\S+ = pred\[\]\S* compare\(%\S+, %(\S+)\), direc
 _CONSTANT = re.compile(r"^\s*%(\S+) = s32\[\]\S* constant\((\d+)\)")
 _CALLED = re.compile(r"(?:to_apply|true_computation|false_computation)=%([^\s,]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 
 def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
@@ -54,27 +57,31 @@ def _trip_count(while_line: str, condition: list[str]) -> int | None:
   return int(constants[bound]) if bound in constants else None
 
 
-def kernel_counts(hlo_text: str) -> dict[str, int]:
+def kernel_counts(hlo_text: str, group: Callable[[str], str] | None = None) -> dict:
   """Per call of the compiled module: ``ops`` (executed instructions that run a kernel),
   ``fusions`` (of those, fusions) and ``unknown_trip_counts`` (while loops whose trip count was
-  not found and whose body was counted once: the counts are then a lower bound).
+  not found and whose body was counted once: the counts are then a lower bound). With ``group``
+  (the JAX op path an instruction came from, its ``op_name``, "" if none -> a label), also
+  ``fusions_by_group``: the executed fusions per label, most first.
 
   A while loop's body counts once per iteration (``_trip_count``; its condition's compare is not
   counted); a called computation counts once; a conditional counts its largest branch; a fusion
   counts as one op however many instructions it fuses.
   """
   computations, entry = _computations(hlo_text)
-  memo: dict[str, tuple[int, int, int]] = {}
+  memo: dict[str, tuple[int, int, int, collections.Counter]] = {}
 
-  def count(name: str) -> tuple[int, int, int]:
+  def count(name: str) -> tuple[int, int, int, collections.Counter]:
     if name in memo:
       return memo[name]
     ops = fusions = unknown = 0
+    by_group = collections.Counter()
 
     def add(counted, times=1):
       nonlocal ops, fusions, unknown
       ops, fusions, unknown = (ops + times * counted[0], fusions + times * counted[1],
                                unknown + times * counted[2])
+      by_group.update({label: times * n for label, n in counted[3].items()})
 
     for line in computations[name]:
       match = _INSTRUCTION.match(line)
@@ -96,8 +103,14 @@ def kernel_counts(hlo_text: str) -> dict[str, int]:
       else:
         ops += 1
         fusions += opcode == "fusion"
-    memo[name] = (ops, fusions, unknown)
+        if group is not None and opcode == "fusion":
+          op_name = _OP_NAME.search(line)
+          by_group[group(op_name.group(1) if op_name else "")] += 1
+    memo[name] = (ops, fusions, unknown, by_group)
     return memo[name]
 
-  ops, fusions, unknown = count(entry)
-  return {"ops": ops, "fusions": fusions, "unknown_trip_counts": unknown}
+  ops, fusions, unknown, by_group = count(entry)
+  counts = {"ops": ops, "fusions": fusions, "unknown_trip_counts": unknown}
+  if group is not None:
+    counts["fusions_by_group"] = dict(by_group.most_common())
+  return counts

@@ -80,10 +80,13 @@ def test_compile_benchmark_compares_scanned_with_per_layer(run_benchmark, tmp_pa
     floor = rows["frozen", depth, scan]
     assert row["fusions_x_frozen"] == pytest.approx(row["hlo_fusions"] / floor["hlo_fusions"])
     assert row["hlo_unknown_trip_counts"] == 0
+    assert sum(row["hlo_fusions_by_group"].values()) == row["hlo_fusions"]
+    assert any(label.startswith("adapter") for label in row["hlo_fusions_by_group"]) == (
+        method == "lora")
     assert (row["fusions_x_frozen"] > 1) == (method == "lora")
   # A scanned stack's body runs once per layer: one more layer, more kernels.
   assert rows["frozen", 2, True]["hlo_ops"] > rows["frozen", 1, True]["hlo_ops"]
-  assert "x per-layer" in stdout and "fusions x frozen" in stdout
+  assert "x per-layer" in stdout and "fusions x frozen" in stdout and "fusions by origin" in stdout
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,

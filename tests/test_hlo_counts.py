@@ -22,7 +22,7 @@ HLO = """HloModule m, entry_computation_layout={(f32[4]{0})->f32[4]{0}}
   %x = f32[4]{0} get-tuple-element(%t), index=1
   %one = s32[] constant(1)
   %next = s32[] add(%i, %one)
-  %f = f32[4]{0} fusion(%x), kind=kLoop, calls=%fused_computation
+  %f = f32[4]{0} fusion(%x), kind=kLoop, calls=%fused_computation, metadata={op_name="jit(f)/adapter/mul"}
   ROOT %out = (s32[], f32[4]{0}) tuple(%next, %f)
 }
 
@@ -73,6 +73,9 @@ def test_hand_counted_module():
   # ...and without either, the body counts once and the loop is reported.
   dynamic = unknown.replace("compare(%i, %n)", "compare(%i, %i)")
   assert kernel_counts(dynamic) == {"ops": 2 + 5, "fusions": 1, "unknown_trip_counts": 1}
+  # Fusions grouped by the JAX op path they came from, per iteration too.
+  by_path = kernel_counts(HLO, group=lambda op: op.split("/")[1] if op else "unnamed")
+  assert by_path["fusions_by_group"] == {"adapter": 3}
 
 
 def _scan_text(length: int, sharding=None) -> str:
