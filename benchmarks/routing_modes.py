@@ -198,6 +198,12 @@ def plot(rows: list[dict], demo_shots: int, suite: str, params_path: str,
   plt.close(fig)
 
 
+def in_percent(rows: list[dict], key: str) -> list[dict]:
+  """``rows`` for printing: ``key`` and its interval (as ``low``, ``high``) in percent."""
+  return [{**row, key: 100 * row[key], "low": 100 * row["interval"][0],
+           "high": 100 * row["interval"][1]} for row in rows]
+
+
 def main() -> None:
   from tensorpoly_jax import adaptation
   from tensorpoly_jax.data import tasks
@@ -228,20 +234,17 @@ def main() -> None:
   compared = differences(rows, config.shots)
   between_methods = method_differences(rows)
   common.print_table(
-      [{**r, "mean": 100 * r["mean"], "low": 100 * r["interval"][0],
-        "high": 100 * r["interval"][1]} for r in rows],
+      in_percent(rows, "mean"),
       [("method", "method", ""), ("mode", "mode", ""), ("shots", "k", "d"),
        ("mean", "accuracy", ".1f"), ("low", "95% low", ".1f"), ("high", "95% high", ".1f"),
        ("adaptation_params", "params", ",d")])
   common.print_table(
-      [{**d, "difference": 100 * d["difference"], "low": 100 * d["interval"][0],
-        "high": 100 * d["interval"][1]} for d in compared],
+      in_percent(compared, "difference"),
       [("method", "method", ""), ("mode", "mode", ""), ("shots", "k", "d"),
        ("difference", "minus full", "+.1f"), ("low", "95% low", "+.1f"),
        ("high", "95% high", "+.1f"), ("exceeds_interval", "beyond", "")])
   common.print_table(
-      [{**d, "difference": 100 * d["difference"], "low": 100 * d["interval"][0],
-        "high": 100 * d["interval"][1]} for d in between_methods],
+      in_percent(between_methods, "difference"),
       [("shots", "k", "d"), ("first", "full", ""), ("second", "minus", ""),
        ("difference", "difference", "+.1f"), ("low", "familywise low", "+.1f"),
        ("high", "familywise high", "+.1f"), ("exceeds_interval", "beyond", "")])

@@ -64,6 +64,13 @@ def run_ours(size: dict, dtype: str, peft_seconds: dict, backbone_dtype: str):
   from tensorpoly_jax.t5.model import EncoderDecoder, dtype_named, preset
 
   trainable = {}
+  stored_copies = {}
+
+  def stored(leaf):
+    """The backbone array in its stored dtype, cast once however many configurations share it."""
+    if id(leaf) not in stored_copies:
+      stored_copies[id(leaf)] = leaf.astype(backbone_dtype)
+    return stored_copies[id(leaf)]
 
   def configs():
     backbone = None
@@ -74,7 +81,7 @@ def run_ours(size: dict, dtype: str, peft_seconds: dict, backbone_dtype: str):
       params = common.random_params(model, backbone=backbone)
       backbone = backbone or params
       step, state, frozen = common.train_step(model, params)
-      frozen = jax.tree_util.tree_map(lambda leaf: leaf.astype(backbone_dtype), frozen)
+      frozen = jax.tree_util.tree_map(stored, frozen)
       trainable[name] = int(sum(x.size for x in jax.tree_util.tree_leaves(state.params)))
       batch = {k: jnp.asarray(v) for k, v in _batch(size, model.config.vocab_size).items()}
       yield name, step, state, frozen, batch
