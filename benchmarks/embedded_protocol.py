@@ -14,10 +14,15 @@ validation, and is reported on test.
 5. ablation: TensorPoly-I and -II at their chosen point over R x N (validation): even N with the
    reference's pair LayerNorm, N=3 with the plain product (the LayerNorm multiplies leaves in
    pairs, so it needs an even N).
-Writes ``benchmarks/results/embedded_protocol.{json,png}`` and ``embedded_ablation.png``. Every
-stage resumes: finished sweeps are read back, unfinished runs continue from their checkpoints.
+6. modes: every routed method at its chosen point in every ``ADAPT_MODE``, each mode's setting
+   chosen on validation, reported on test at k in {4, 8, 16, 32} over replicates of the backbone
+   and pretraining seeds, with bootstrap intervals (``protocol_modes``). ``--only_modes`` runs
+   this stage alone at the chosen points of the existing ``--output`` JSON and adds it there.
+Writes ``benchmarks/results/embedded_protocol.{json,png}``, ``embedded_ablation.png`` and
+``embedded_protocol_modes_{params,shots}.png``. Every stage resumes: finished sweeps and runs are
+read back, unfinished runs continue from their checkpoints.
 
-  python benchmarks/embedded_protocol.py --work_dir runs/protocol [--jobs 2]
+  python benchmarks/embedded_protocol.py --work_dir runs/protocol [--jobs 2] [--only_modes]
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from typing import NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  pylint: disable=wrong-import-position
+import protocol_modes  # noqa: E402  pylint: disable=wrong-import-position
 
 # The demo's adapter sizes (tests check that these flags build demo.METHODS).
 METHOD_FLAGS = {
@@ -186,11 +192,19 @@ def main() -> None:
   parser.add_argument("--jobs", type=int, default=2, help="sweeps run at once")
   parser.add_argument("--methods", default=",".join(METHOD_FLAGS))
   parser.add_argument("--no-ablation", action="store_true")
+  parser.add_argument("--no-modes", action="store_true")
+  parser.add_argument("--only_modes", action="store_true",
+                      help="run the modes stage alone, at the chosen points of the --output JSON")
   parser.add_argument("--output", default=os.path.join(common.RESULTS, "embedded_protocol"))
   args = parser.parse_args()
   methods = args.methods.split(",")
   started = time.time()
   work = os.path.abspath(args.work_dir)
+  if args.only_modes:
+    with open(f"{args.output}.json") as f:
+      results = json.load(f)
+    add_modes(results, methods, work, args, started)
+    return
   logs = os.path.join(work, "logs")
   print("backbone", flush=True)
   backbone = train_backbone(work)
@@ -237,6 +251,32 @@ def main() -> None:
   if ablation:
     print(format_ablation(ablation))
     plot_ablation(ablation, os.path.join(os.path.dirname(args.output), "embedded_ablation.png"))
+  if not args.no_modes:
+    add_modes(results, methods, work, args, started)
+
+
+def chosen_points(results: dict, methods: list[str]) -> dict[str, dict]:
+  """Each method's chosen rate and pretraining steps, as ``protocol_modes`` takes them."""
+  return {m: {"learning_rate": results["methods"][m]["chosen"]["point"][RATE_MACRO[m]],
+              "pretrain_steps": results["methods"][m]["chosen"]["point"]["PRETRAIN_STEPS"]}
+          for m in methods}
+
+
+def add_modes(results: dict, methods: list[str], work: str, args, started: float) -> None:
+  """Runs the modes stage and writes it into ``results``' JSON, with its own command, commit,
+  machine and time (it may run on another day than the stages before it)."""
+  print("modes", flush=True)
+  commit = common.git_commit()
+  modes = protocol_modes.run(
+      protocol_modes.Stage(os.path.join(work, "modes"), chosen_points(results, methods)),
+      args.jobs)
+  results["modes"] = {
+      "command": " ".join(["python", "benchmarks/embedded_protocol.py", *sys.argv[1:]]),
+      "commit": commit, "machine": common.machine(), **modes,
+      "seconds": round(time.time() - started, 1)}
+  with open(f"{args.output}.json", "w") as f:
+    json.dump(results, f, indent=2)
+  protocol_modes.report(results["modes"], f"{args.output}_modes")
 
 
 def tuned_rows(results: dict) -> list[tuple[str, dict]]:

@@ -204,6 +204,29 @@ def in_percent(rows: list[dict], key: str) -> list[dict]:
            "high": 100 * row["interval"][1]} for row in rows]
 
 
+def print_tables(rows: list[dict], compared: list[dict], between_methods: list[dict]) -> None:
+  """Accuracy per row, each mode minus full, and each pair of methods under full."""
+  common.print_table(
+      in_percent(rows, "mean"),
+      [("method", "method", ""), ("mode", "mode", ""), ("shots", "k", "d"),
+       ("mean", "accuracy", ".1f"), ("low", "95% low", ".1f"), ("high", "95% high", ".1f"),
+       ("adaptation_params", "params", ",d")])
+  common.print_table(
+      in_percent(compared, "difference"),
+      [("method", "method", ""), ("mode", "mode", ""), ("shots", "k", "d"),
+       ("difference", "minus full", "+.1f"), ("low", "95% low", "+.1f"),
+       ("high", "95% high", "+.1f"), ("exceeds_interval", "beyond", "")])
+  common.print_table(
+      in_percent(between_methods, "difference"),
+      [("shots", "k", "d"), ("first", "full", ""), ("second", "minus", ""),
+       ("difference", "difference", "+.1f"), ("low", "familywise low", "+.1f"),
+       ("high", "familywise high", "+.1f"), ("exceeds_interval", "beyond", "")])
+  separated = sorted({d["shots"] for d in between_methods if d["exceeds_interval"]})
+  print("methods under full adaptation separated beyond the paired familywise interval at k ="
+        f" {separated}" if separated else "no two methods under full adaptation differ beyond"
+        " the paired familywise interval at any k")
+
+
 def main() -> None:
   from tensorpoly_jax import adaptation
   from tensorpoly_jax.data import tasks
@@ -233,25 +256,7 @@ def main() -> None:
   rows = run_grid(args, config, heldout, length)
   compared = differences(rows, config.shots)
   between_methods = method_differences(rows)
-  common.print_table(
-      in_percent(rows, "mean"),
-      [("method", "method", ""), ("mode", "mode", ""), ("shots", "k", "d"),
-       ("mean", "accuracy", ".1f"), ("low", "95% low", ".1f"), ("high", "95% high", ".1f"),
-       ("adaptation_params", "params", ",d")])
-  common.print_table(
-      in_percent(compared, "difference"),
-      [("method", "method", ""), ("mode", "mode", ""), ("shots", "k", "d"),
-       ("difference", "minus full", "+.1f"), ("low", "95% low", "+.1f"),
-       ("high", "95% high", "+.1f"), ("exceeds_interval", "beyond", "")])
-  common.print_table(
-      in_percent(between_methods, "difference"),
-      [("shots", "k", "d"), ("first", "full", ""), ("second", "minus", ""),
-       ("difference", "difference", "+.1f"), ("low", "familywise low", "+.1f"),
-       ("high", "familywise high", "+.1f"), ("exceeds_interval", "beyond", "")])
-  separated = sorted({d["shots"] for d in between_methods if d["exceeds_interval"]})
-  print("methods under full adaptation separated beyond the paired familywise interval at k ="
-        f" {separated}" if separated else "no two methods under full adaptation differ beyond"
-        " the paired familywise interval at any k")
+  print_tables(rows, compared, between_methods)
   payload = {"demo_dir": os.path.abspath(args.demo_dir), "heldout": args.heldout,
              "targets_length": length, "shots": args.shots,
              "router_learning_rate": config.optimizer.router_learning_rate,

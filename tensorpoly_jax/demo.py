@@ -97,7 +97,7 @@ def run(model_dir: str, config: DemoConfig) -> dict:
                                          tasks.EMBEDDED_TRAIN, config.train_config("backbone"))
   backbone = pipeline.load_backbone(backbone_dir)  # once, for every method, task and seed
   stage(2, f"score the backbone alone on the {len(heldout)} held-out tasks (zero-shot)")
-  results = {"zero_shot_backbone": _zero_shot(backbone, heldout, config.eval_split, length)}
+  results = {"zero_shot_backbone": score_backbone(backbone, heldout, config.eval_split, length)}
   for number, (name, method) in enumerate(config.methods.items(), 3):
     stage(number, f"{name}: multi-task pretraining, then {len(heldout)} held-out tasks x"
           f" {len(config.seeds)} seeds adapted and scored")
@@ -117,7 +117,7 @@ def run(model_dir: str, config: DemoConfig) -> dict:
   return write_report(model_dir, evaluation)
 
 
-def _zero_shot(backbone: pipeline.Backbone, heldout, split: str, length):
+def score_backbone(backbone: pipeline.Backbone, heldout, split: str, length):
   """The backbone alone, before any adaptation (a held-out task's name is new to it)."""
   scorer = evaluation.Scorer(EncoderDecoder(backbone.config), backbone.mesh)
   width = choices.choice_width(heldout, split, **length)  # one compile for every task
