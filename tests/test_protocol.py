@@ -157,3 +157,99 @@ def test_routing_modes_pairs_only_the_cells_both_runs_finished():
   values = routing_modes.cells(other)
   narrow, wide = (routing_modes.bootstrap_interval(values, confidence=c) for c in (0.5, 0.995))
   assert wide[0] < narrow[0] < narrow[1] < wide[1]
+
+
+modes = protocol.protocol_modes
+
+
+def test_modes_stage_runs_each_method_at_the_point_the_protocol_chose(demo):
+  import json
+
+  with open(os.path.join(ROOT, "benchmarks", "results", "embedded_protocol.json")) as f:
+    chosen = protocol.chosen_points(json.load(f), list(protocol.METHOD_FLAGS))
+  assert modes.Stage("unused", chosen).config() == demo
+
+
+def test_modes_stage_chooses_each_modes_setting_by_the_protocols_criterion():
+  Job = modes.Job
+  spread = {"a": {"0": 0.5, "1": 0.9, "32": 0.6}}  # mean 0.67, median 0.6
+  steady = {"a": {"0": 0.7, "1": 0.7, "32": 0.1}}  # mean 0.5, median 0.7
+  selected = {
+      Job(0, "validation", "poly", "router", 16, router_learning_rate=0.1): {"accuracy": spread},
+      Job(0, "validation", "poly", "router", 16, router_learning_rate=1.0): {"accuracy": steady},
+      Job(0, "validation", "poly", "arrow", 0, arrow_top_k=1): {"accuracy": steady},
+      Job(0, "validation", "poly", "arrow", 0, arrow_top_k=2): {"accuracy": steady}}
+  assert modes.choose_settings(selected) == {("poly", "router"): {"router_learning_rate": 1.0},
+                                             ("poly", "arrow"): {"arrow_top_k": 1}}  # a tie: first
+
+
+def test_modes_stage_reports_every_mode_at_every_k_and_lora_in_full_only(demo):
+  chosen = {m: {"learning_rate": "1e-2", "pretrain_steps": "400"} for m in ("lora", "poly")}
+  stage = modes.Stage("work", chosen, replicates=(0, 1), shots=(4, 16))
+  settings = {("poly", "router"): {"router_learning_rate": 0.3},
+              ("poly", "router_mu"): {"router_learning_rate": 1.0},
+              ("poly", "arrow"): {"arrow_top_k": 2}}
+  jobs = modes.report_jobs(stage, stage.config(), settings)
+  per_replicate = {(j.method, j.mode, j.shots, j.router_learning_rate, j.arrow_top_k)
+                   for j in jobs if j.replicate == 0}
+  assert per_replicate == {
+      ("lora", "full", 4, None, 0), ("lora", "full", 16, None, 0),
+      ("poly", "full", 4, None, 0), ("poly", "full", 16, None, 0),
+      ("poly", "router", 4, 0.3, 0), ("poly", "router", 16, 0.3, 0),
+      ("poly", "router_mu", 4, 1.0, 0), ("poly", "router_mu", 16, 1.0, 0),
+      ("poly", "uniform", 0, None, 0), ("poly", "frozen_average", 0, None, 0),
+      ("poly", "arrow", 0, None, 2)}
+  assert len(jobs) == 2 * len(per_replicate) and {j.split for j in jobs} == {"test"}
+  assert len({j.folder("w") for j in jobs}) == len(jobs)
+  selection = modes.selection_jobs(stage, ["poly"], 16)
+  assert {j.split for j in selection} == {"validation"} and {j.replicate for j in selection} == {0}
+  assert len(selection) == 2 * len(stage.router_rates) + len(stage.arrow_top_k)
+  assert len({j.folder("w") for j in selection + jobs}) == len(selection) + len(jobs)
+
+
+def test_modes_stage_pools_replicates_into_cells_that_pair_the_same_replicate():
+  Job = modes.Job
+  full = {0: {"a": {"0": 0.9, "1": 0.5}}, 1: {"a": {"0": 0.6, "1": 0.7}}}
+  reported = {}
+  for replicate, accuracy in full.items():
+    reported[Job(replicate, "test", "poly", "full", 4)] = {"accuracy": accuracy,
+                                                            "adaptation_params": 10}
+    reported[Job(replicate, "test", "poly", "router", 4, router_learning_rate=0.3)] = {
+        "accuracy": {t: {s: v - 0.1 * (1 + replicate) for s, v in seeds.items()}
+                     for t, seeds in accuracy.items()}, "adaptation_params": 2}
+  rows = {r["mode"]: r for r in modes.pooled_rows(reported)}
+  assert rows["full"]["accuracy"] == {"replicate0/a": full[0]["a"], "replicate1/a": full[1]["a"]}
+  assert rows["full"]["mean"] == pytest.approx(0.675)
+  assert rows["router"]["router_learning_rate"] == 0.3
+  # Paired by replicate, task and seed: replicate 0 lost 0.1 everywhere, replicate 1 lost 0.2.
+  (router,) = routing_modes.differences(list(rows.values()), 16)
+  assert router["difference"] == pytest.approx(-0.15)
+  assert router["interval"][0] == pytest.approx(-0.2) and router["interval"][1] == pytest.approx(-0.1)
+
+
+@pytest.mark.slow
+def test_modes_stage_end_to_end_then_read_back(tmp_path):
+  from tensorpoly_jax import adaptation
+  from tensorpoly_jax.data import embedded
+
+  stage = modes.Stage(
+      str(tmp_path), {"poly": {"learning_rate": "1e-2", "pretrain_steps": "4"}},
+      overrides=dict(backbone_steps=8, batch_size=8, adapt_steps=2, shots=4, seeds=(0,),
+                     sizes=embedded.Sizes(20, 2, 24, 12)),
+      shots=(4,), router_rates=(0.1, 1.0), arrow_top_k=(1,))
+  payload = modes.run(stage, jobs=1)
+  rows = {r["mode"]: r for r in payload["rows"]}
+  assert rows.keys() == set(adaptation.MODES)
+  heldout = sorted(embedded.HELDOUT_TASKS)
+  for row in rows.values():
+    assert len(row["accuracy"]) == 2 * len(heldout)  # every task of both replicates
+    assert {key.split("/")[0] for key in row["accuracy"]} == {"replicate0", "replicate1"}
+  assert {r["adaptation_params"] for m, r in rows.items() if not adaptation.trains(m)} == {0}
+  assert 0 < rows["router"]["adaptation_params"] < rows["full"]["adaptation_params"]
+  assert len(payload["selection"]) == 2 * 2 + 1
+  assert {(s["mode"], s.get("router_learning_rate"), s.get("arrow_top_k"))
+          for s in payload["chosen_settings"]} <= {
+              ("router", 0.1, None), ("router", 1.0, None), ("router_mu", 0.1, None),
+              ("router_mu", 1.0, None), ("arrow", None, 1)}
+  assert len(payload["differences"]) == len(adaptation.MODES) - 1
+  assert modes.run(stage, jobs=1)["rows"] == payload["rows"]  # finished runs are read back

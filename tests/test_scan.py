@@ -56,6 +56,43 @@ def test_scanned_model_equals_per_layer_model(adapter, remat):
                                err_msg="/".join(path))
 
 
+def _casts_to(dtype, jaxpr, in_scan=False):
+  """``(operand shape, inside a scan body)`` of every float32 -> ``dtype`` conversion."""
+  for eqn in jaxpr.eqns:
+    if (eqn.primitive.name == "convert_element_type" and eqn.params["new_dtype"] == dtype
+        and eqn.invars[0].aval.dtype == jnp.float32):
+      yield eqn.invars[0].aval.shape, in_scan
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          yield from _casts_to(dtype, sub, in_scan or eqn.primitive.name == "scan")
+
+
+def test_scanned_lora_factors_are_cast_to_bf16_once_for_all_layers():
+  inputs, targets, task_ids = _batch()
+  config = preset("tiny", adapter=ADAPTERS[1], dtype=jnp.bfloat16)
+  scanned = EncoderDecoder(config.replace(scan_layers=True, remat="full"))
+  stacked = layout.stack_layers(random_model_params(config))
+  is_factor = lambda path: path[-1] in ("lora_a", "lora_b")
+  # The reference gets its factors in bf16 already: no cast of them anywhere in its step.
+  in_bf16 = traverse_util.unflatten_dict({
+      path: value.astype(jnp.bfloat16) if is_factor(path) else value
+      for path, value in traverse_util.flatten_dict(stacked).items()})
+  loss, grads = _loss_and_grads(scanned, stacked, inputs, targets, task_ids)
+  expected_loss, expected_grads = _loss_and_grads(scanned, in_bf16, inputs, targets, task_ids)
+  assert loss == expected_loss
+  expected_grads = traverse_util.flatten_dict(expected_grads)
+  for path, grad in traverse_util.flatten_dict(grads).items():
+    assert grad.dtype == jnp.float32
+    np.testing.assert_array_equal(grad, expected_grads[path].astype(jnp.float32))
+  factors = {v.shape for p, v in traverse_util.flatten_dict(stacked).items() if is_factor(p)}
+  jaxpr = jax.make_jaxpr(lambda p: _loss_and_grads(scanned, p, inputs, targets, task_ids))(stacked)
+  casts = list(_casts_to(jnp.bfloat16, jaxpr.jaxpr))
+  assert not [shape for shape, in_scan in casts if in_scan and shape in {f[1:] for f in factors}]
+  assert {shape for shape, in_scan in casts if not in_scan} >= factors
+
+
 def test_layout_round_trip_and_logical_axes():
   config = preset("tiny", adapter=ADAPTERS[2])
   params = random_model_params(config)

@@ -18,7 +18,7 @@ from flax.linen import partitioning as nn_partitioning
 
 from tensorpoly_jax import field_types
 from tensorpoly_jax.methods import AdapterConfig
-from tensorpoly_jax.param_roles import is_adapter_path
+from tensorpoly_jax.param_roles import is_adapter_path, param_role
 from tensorpoly_jax.routing import ROUTING_RNG, Router
 from tensorpoly_jax.t5 import layers
 
@@ -197,12 +197,26 @@ def _relpos(cfg: T5Config):
                                        cfg.dtype, name="relpos_bias")
 
 
+def _lora_in_compute_dtype(dtype):
+  """Casts the LoRA factors (role ``lora``) of a scanned stack's params to ``dtype`` for all
+  layers at once. The adapters cast them at use anyway; inside the scanned body that cast would
+  run per layer in the forward, its recomputation and the backward. Tensor leaves stay as they
+  are: their entangled build runs in float32."""
+  def cast(params):
+    flat = traverse_util.flatten_dict(unfreeze(params))
+    return traverse_util.unflatten_dict({
+        path: jnp.asarray(value, dtype) if param_role(path) == "lora" else value
+        for path, value in flat.items()})
+  return cast
+
+
 def _run_blocks(block_cls, cfg: T5Config, num_layers: int, deterministic: bool, x, shared,
-                **block_fields):
+                initializing: bool, **block_fields):
   """Applies ``num_layers`` blocks to ``x``; ``shared()`` gives the other inputs every block
   takes. As modules ``layers_0..`` or, with ``scan_layers``, as one scanned module ``layers``
   whose params (and decoding cache) carry a leading ``layers`` axis (T5X's ``scan_layers``
-  layout). ``block_fields`` are the blocks' own fields beyond the config."""
+  layout). ``block_fields`` are the blocks' own fields beyond the config; ``initializing``: the
+  calling module's ``is_initializing()``."""
   decode = block_fields.get("decode", False)
   if cfg.remat != "none" and not decode:
     # Under scan, the loop already keeps XLA from merging recomputation into the forward pass.
@@ -221,6 +235,8 @@ def _run_blocks(block_cls, cfg: T5Config, num_layers: int, deterministic: bool, 
       split_rngs={"params": True, "dropout": True, ROUTING_RNG: True},
       in_axes=(nn.broadcast,) * len(inputs), length=num_layers, axis_name="layers",
       axes_collections=collections)
+  if not initializing:
+    scanned = nn.map_variables(scanned, "params", _lora_in_compute_dtype(cfg.dtype))
   x, _ = scanned(cfg, deterministic, **block_fields, name="layers")(x, *inputs)
   return x
 
@@ -236,7 +252,8 @@ class Encoder(nn.Module):
     x = _dropout(cfg, self.shared_embedding(tokens.astype("int32")), deterministic)
     length = x.shape[-2]
     x = _run_blocks(EncoderLayer, cfg, cfg.num_encoder_layers, deterministic, x,
-                    lambda: (relpos(length, length, True), encoder_mask, routing))
+                    lambda: (relpos(length, length, True), encoder_mask, routing),
+                    self.is_initializing())
     x = layers.LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="encoder_norm")(x)
     return _dropout(cfg, x, deterministic)
 
@@ -255,7 +272,8 @@ class Decoder(nn.Module):
     length = (max_decode_length if decode else None) or y.shape[-2]
     y = _run_blocks(DecoderLayer, cfg, cfg.num_decoder_layers, deterministic, y,
                     lambda: (encoded, relpos(length, length, False), decoder_mask,
-                             encoder_decoder_mask, routing), decode=decode, cache_length=length)
+                             encoder_decoder_mask, routing), self.is_initializing(),
+                    decode=decode, cache_length=length)
     y = layers.LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="decoder_norm")(y)
     y = _dropout(cfg, y, deterministic)
     if cfg.logits_via_embedding:  # v1.0: tied output layer, rescaled as T5 does
