@@ -221,11 +221,13 @@ def _run_all(pool, stage: Stage, jobs: list[Job]) -> dict[Job, dict]:
 
 
 def run(stage: Stage, jobs: int) -> dict:
-  """Runs ``stage`` in ``jobs`` processes; returns its results' JSON payload."""
+  """Runs ``stage``'s adaptations ``jobs`` at a time; returns its results' JSON payload."""
   config = stage.config()
   routed = [m for m, settings in config.methods.items() if settings.adapter.routed]
-  context = multiprocessing.get_context("spawn")  # jax does not survive fork
-  with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+  # One job runs in this process; more run in processes of their own (jax does not survive fork).
+  pool = (concurrent.futures.ThreadPoolExecutor(1) if jobs == 1 else
+          concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")))
+  with pool:
     print("modes: backbones and pretrained exports", flush=True)
     prepared = {r: pool.submit(prepare, stage, r) for r in stage.replicates}
     backbone_alone = {r: future.result() for r, future in prepared.items()}

@@ -226,30 +226,3 @@ def test_modes_stage_pools_replicates_into_cells_that_pair_the_same_replicate():
   assert router["difference"] == pytest.approx(-0.15)
   assert router["interval"][0] == pytest.approx(-0.2) and router["interval"][1] == pytest.approx(-0.1)
 
-
-@pytest.mark.slow
-def test_modes_stage_end_to_end_then_read_back(tmp_path):
-  from tensorpoly_jax import adaptation
-  from tensorpoly_jax.data import embedded
-
-  stage = modes.Stage(
-      str(tmp_path), {"poly": {"learning_rate": "1e-2", "pretrain_steps": "4"}},
-      overrides=dict(backbone_steps=8, batch_size=8, adapt_steps=2, shots=4, seeds=(0,),
-                     sizes=embedded.Sizes(20, 2, 24, 12)),
-      shots=(4,), router_rates=(0.1, 1.0), arrow_top_k=(1,))
-  payload = modes.run(stage, jobs=1)
-  rows = {r["mode"]: r for r in payload["rows"]}
-  assert rows.keys() == set(adaptation.MODES)
-  heldout = sorted(embedded.HELDOUT_TASKS)
-  for row in rows.values():
-    assert len(row["accuracy"]) == 2 * len(heldout)  # every task of both replicates
-    assert {key.split("/")[0] for key in row["accuracy"]} == {"replicate0", "replicate1"}
-  assert {r["adaptation_params"] for m, r in rows.items() if not adaptation.trains(m)} == {0}
-  assert 0 < rows["router"]["adaptation_params"] < rows["full"]["adaptation_params"]
-  assert len(payload["selection"]) == 2 * 2 + 1
-  assert {(s["mode"], s.get("router_learning_rate"), s.get("arrow_top_k"))
-          for s in payload["chosen_settings"]} <= {
-              ("router", 0.1, None), ("router", 1.0, None), ("router_mu", 0.1, None),
-              ("router_mu", 1.0, None), ("arrow", None, 1)}
-  assert len(payload["differences"]) == len(adaptation.MODES) - 1
-  assert modes.run(stage, jobs=1)["rows"] == payload["rows"]  # finished runs are read back
