@@ -197,13 +197,15 @@ def main() -> None:
                       help="run the modes stage alone, at the chosen points of the --output JSON")
   parser.add_argument("--output", default=os.path.join(common.RESULTS, "embedded_protocol"))
   args = parser.parse_args()
+  if args.only_modes and args.no_modes:
+    parser.error("--only_modes and --no-modes contradict each other; pass one.")
   methods = args.methods.split(",")
   started = time.time()
   work = os.path.abspath(args.work_dir)
   if args.only_modes:
     with open(f"{args.output}.json") as f:
       results = json.load(f)
-    add_modes(results, methods, work, args, started)
+    add_modes(results, methods, work, args)
     return
   logs = os.path.join(work, "logs")
   print("backbone", flush=True)
@@ -252,7 +254,7 @@ def main() -> None:
     print(format_ablation(ablation))
     plot_ablation(ablation, os.path.join(os.path.dirname(args.output), "embedded_ablation.png"))
   if not args.no_modes:
-    add_modes(results, methods, work, args, started)
+    add_modes(results, methods, work, args)
 
 
 def chosen_points(results: dict, methods: list[str]) -> dict[str, dict]:
@@ -262,10 +264,11 @@ def chosen_points(results: dict, methods: list[str]) -> dict[str, dict]:
           for m in methods}
 
 
-def add_modes(results: dict, methods: list[str], work: str, args, started: float) -> None:
+def add_modes(results: dict, methods: list[str], work: str, args) -> None:
   """Runs the modes stage and writes it into ``results``' JSON, with its own command, commit,
   machine and time (it may run on another day than the stages before it)."""
   print("modes", flush=True)
+  started = time.time()
   commit = common.git_commit()
   modes = protocol_modes.run(
       protocol_modes.Stage(os.path.join(work, "modes"), chosen_points(results, methods)),

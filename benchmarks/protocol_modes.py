@@ -3,14 +3,16 @@
 chosen on validation, and reported on test at every k over independent replicates.
 
 - Replicates: replicate r trains the backbone and every method's pretraining with seed r
-  (replicate 0 is the demo's own run), so the intervals cover backbone and pretraining seeds, not
-  only few-shot seeds.
+  (replicate 0 is the demo's own run), so each row's cells span backbone and pretraining seeds,
+  not only few-shot seeds. The bootstrap resamples the pooled cells as independent; cells of one
+  replicate share its backbone, so the intervals do not account for that clustering (with two
+  replicates, resampling replicates would say little).
 - Selection, on replicate 0's validation split at the demo's k with its few-shot seeds, by the
   protocol's criterion (mean over tasks of the median over seeds): ``router`` and ``router_mu``
   choose ``ROUTER_LR`` among ``Stage.router_rates`` (the rate of the only weights they train, as
   the protocol chose full adaptation's among the rates of its trained weights); ``arrow`` chooses
-  its top-k among ``Stage.arrow_top_k``; ``uniform`` and ``frozen_average`` have nothing to choose; ``full``
-  keeps the protocol's choice.
+  its top-k among ``Stage.arrow_top_k``; ``uniform`` and ``frozen_average`` have nothing to
+  choose; ``full`` keeps the protocol's choice.
 - Report, on every replicate's test split: the trained modes at every k of ``Stage.shots``, the
   zero-shot modes once, LoRA and TLoRA (no router) in ``full`` only. Accuracy is the mean over
   (replicate, task, few-shot seed) cells with a bootstrap 95% interval; each mode against
@@ -67,8 +69,8 @@ class Job(NamedTuple):
   arrow_top_k: int = 0
 
   def folder(self, work_dir: str) -> str:
-    setting = (f"_router_lr{self.router_learning_rate:g}" if self.router_learning_rate else "") + (
-        f"_top{self.arrow_top_k}" if self.mode == "arrow" else "")
+    setting = (f"_router_lr{self.router_learning_rate:g}" if self.router_learning_rate is not None
+               else "") + (f"_top{self.arrow_top_k}" if self.mode == "arrow" else "")
     return os.path.join(work_dir, f"replicate{self.replicate}", self.split, self.method,
                         f"{self.mode}{setting}", f"k{self.shots}")
 
@@ -128,8 +130,8 @@ def _backbone(stage: Stage, replicate: int):
 
 
 def run_job(stage: Stage, job: Job) -> dict:
-  """``job``'s accuracy (``{task: {seed: accuracy}}``) and trained params per task; finished
-  runs are read back."""
+  """``job``'s accuracy (``{task: {seed: accuracy}}``) and its number of trained params per
+  task; finished runs are read back."""
   from tensorpoly_jax import pipeline, records
 
   config, heldout = _setup(stage)
@@ -179,16 +181,25 @@ def mean_of_medians(accuracy: dict[str, dict[str, float]]) -> float:
 
 
 def choose_settings(selected: dict[Job, dict]) -> dict[tuple[str, str], dict]:
-  """Each (method, mode)'s best setting by ``mean_of_medians`` (the first in grid order on a
-  tie), as ``Job`` fields."""
+  """Each (method, mode)'s best setting by ``mean_of_medians``, as ``Job`` fields: the first in
+  ``selected``'s order (grid order) on a tie; diverged points (``accuracy`` None) are never
+  chosen."""
   best: dict[tuple[str, str], tuple[float, Job]] = {}
   for job, result in selected.items():
-    score = mean_of_medians(result["accuracy"])
+    if job.split != SELECTION_SPLIT:
+      raise ValueError(f"{job.folder('')}: a setting is chosen on {SELECTION_SPLIT} only.")
     key = (job.method, job.mode)
+    if result["accuracy"] is None:
+      continue
+    score = mean_of_medians(result["accuracy"])
     if key not in best or score > best[key][0]:
       best[key] = (score, job)
-  return {key: ({"router_learning_rate": job.router_learning_rate} if job.router_learning_rate
-                else {"arrow_top_k": job.arrow_top_k}) for key, (_, job) in best.items()}
+  unchosen = {(j.method, j.mode) for j in selected} - best.keys()
+  if unchosen:
+    raise RuntimeError(f"every setting of {sorted(unchosen)} diverged; lower ROUTER_LR.")
+  return {key: ({"arrow_top_k": job.arrow_top_k} if job.mode == "arrow"
+                else {"router_learning_rate": job.router_learning_rate})
+          for key, (_, job) in best.items()}
 
 
 def pooled_rows(reported: dict[Job, dict]) -> list[dict]:
@@ -209,15 +220,25 @@ def pooled_rows(reported: dict[Job, dict]) -> list[dict]:
   return list(rows.values())
 
 
-def _run_all(pool, stage: Stage, jobs: list[Job]) -> dict[Job, dict]:
+def _run_all(pool, stage: Stage, jobs: list[Job], diverged_ok: bool = False) -> dict[Job, dict]:
+  """Each job's result, in ``jobs``' order; with ``diverged_ok`` (a selection grid), a point whose
+  every run diverged gives ``accuracy`` None instead of stopping the stage."""
+  from tensorpoly_jax.trainer import TrainingDiverged
+
   futures = {pool.submit(run_job, stage, job): job for job in jobs}
   done = {}
   for number, future in enumerate(concurrent.futures.as_completed(futures), 1):
     job = futures[future]
-    done[job] = future.result()
-    print(f"  [{number}/{len(jobs)}] {job.folder('')}:"
-          f" {100 * mean_of_medians(done[job]['accuracy']):.1f}", flush=True)
-  return done
+    try:
+      done[job] = future.result()
+      score = f"{100 * mean_of_medians(done[job]['accuracy']):.1f}"
+    except Exception as error:  # pylint: disable=broad-except
+      if not (diverged_ok and isinstance(error, TrainingDiverged)):
+        pool.shutdown(cancel_futures=True)  # not hours of queued runs before the error shows
+        raise
+      done[job], score = {"accuracy": None, "adaptation_params": None}, "diverged"
+    print(f"  [{number}/{len(jobs)}] {job.folder('')}: {score}", flush=True)
+  return {job: done[job] for job in jobs}
 
 
 def run(stage: Stage, jobs: int) -> dict:
@@ -225,14 +246,16 @@ def run(stage: Stage, jobs: int) -> dict:
   config = stage.config()
   routed = [m for m, settings in config.methods.items() if settings.adapter.routed]
   # One job runs in this process; more run in processes of their own (jax does not survive fork).
+  spawn = multiprocessing.get_context("spawn")
   pool = (concurrent.futures.ThreadPoolExecutor(1) if jobs == 1 else
-          concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")))
+          concurrent.futures.ProcessPoolExecutor(jobs, mp_context=spawn))
   with pool:
     print("modes: backbones and pretrained exports", flush=True)
     prepared = {r: pool.submit(prepare, stage, r) for r in stage.replicates}
     backbone_alone = {r: future.result() for r, future in prepared.items()}
     print("modes: select each mode's setting (validation)", flush=True)
-    selected = _run_all(pool, stage, selection_jobs(stage, routed, config.shots))
+    selected = _run_all(pool, stage, selection_jobs(stage, routed, config.shots),
+                        diverged_ok=True)
     settings = choose_settings(selected)
     print("modes: report (test)", flush=True)
     reported = _run_all(pool, stage, report_jobs(stage, config, settings))
@@ -245,8 +268,9 @@ def run(stage: Stage, jobs: int) -> dict:
       "seeds": list(config.seeds), "demo_shots": config.shots,
       "router_rates": list(stage.router_rates), "arrow_top_k": list(stage.arrow_top_k),
       "chosen_points": stage.chosen,
-      "selection": [{**job._asdict(), "mean_of_medians": mean_of_medians(result["accuracy"]),
-                     "accuracy": result["accuracy"]} for job, result in selected.items()],
+      "selection": [{**job._asdict(), "accuracy": result["accuracy"],
+                     "mean_of_medians": result["accuracy"] and mean_of_medians(result["accuracy"])}
+                    for job, result in selected.items()],
       "chosen_settings": [{"method": m, "mode": mode, **s} for (m, mode), s in settings.items()],
       "backbone_alone": {"accuracy": {str(r): a for r, a in backbone_alone.items()},
                          "mean": float(alone.mean())},

@@ -181,6 +181,13 @@ def test_modes_stage_chooses_each_modes_setting_by_the_protocols_criterion():
       Job(0, "validation", "poly", "arrow", 0, arrow_top_k=2): {"accuracy": steady}}
   assert modes.choose_settings(selected) == {("poly", "router"): {"router_learning_rate": 1.0},
                                              ("poly", "arrow"): {"arrow_top_k": 1}}  # a tie: first
+  diverged = Job(0, "validation", "poly", "router", 16, router_learning_rate=3.0)
+  assert modes.choose_settings({diverged: {"accuracy": None}, **selected})[
+      "poly", "router"] == {"router_learning_rate": 1.0}  # a diverged point is never chosen
+  with pytest.raises(RuntimeError, match="diverged"):
+    modes.choose_settings({diverged: {"accuracy": None}})
+  with pytest.raises(ValueError, match="validation only"):
+    modes.choose_settings({diverged._replace(split="test"): {"accuracy": steady}})
 
 
 def test_modes_stage_reports_every_mode_at_every_k_and_lora_in_full_only(demo):
@@ -224,5 +231,5 @@ def test_modes_stage_pools_replicates_into_cells_that_pair_the_same_replicate():
   # Paired by replicate, task and seed: replicate 0 lost 0.1 everywhere, replicate 1 lost 0.2.
   (router,) = routing_modes.differences(list(rows.values()), 16)
   assert router["difference"] == pytest.approx(-0.15)
-  assert router["interval"][0] == pytest.approx(-0.2) and router["interval"][1] == pytest.approx(-0.1)
+  assert router["interval"] == pytest.approx([-0.2, -0.1])
 

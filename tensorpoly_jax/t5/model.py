@@ -200,8 +200,8 @@ def _relpos(cfg: T5Config):
 def _lora_in_compute_dtype(dtype):
   """Casts the LoRA factors (role ``lora``) of a scanned stack's params to ``dtype`` for all
   layers at once. The adapters cast them at use anyway; inside the scanned body that cast would
-  run per layer in the forward, its recomputation and the backward. Tensor leaves stay as they
-  are: their entangled build runs in float32."""
+  run per layer in the forward, its recomputation and the backward. Tensor leaves (role
+  ``leaf``) stay as they are: TLoRA and TensorPoly-I build from them in float32."""
   def cast(params):
     flat = traverse_util.flatten_dict(unfreeze(params))
     return traverse_util.unflatten_dict({
