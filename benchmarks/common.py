@@ -6,7 +6,6 @@ import argparse
 import collections
 import concurrent.futures
 import glob
-import json
 import os
 import platform
 import re
@@ -191,11 +190,12 @@ def argument_parser(doc: str) -> argparse.ArgumentParser:
 
 
 def write_json(name: str, payload: dict, args: argparse.Namespace) -> str:
-  """Writes ``payload`` with the machine it came from to ``args.output`` or the results folder."""
+  """Writes ``payload`` with the machine it came from to ``args.output`` or the results folder
+  (atomically: a run that stops mid-write leaves the previous file)."""
+  from tensorpoly_jax import paths
+
   path = args.output or os.path.join(RESULTS, f"{name}{'_quick' if args.quick else ''}.json")
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump({"machine": machine(), **payload}, f, indent=2)
+  paths.write_json(path, {"machine": machine(), **payload})
   return path
 
 

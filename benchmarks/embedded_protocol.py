@@ -40,6 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  pylint: disable=wrong-import-position
 import protocol_modes  # noqa: E402  pylint: disable=wrong-import-position
 
+from tensorpoly_jax import paths  # noqa: E402
+
 # The demo's adapter sizes (tests check that these flags build demo.METHODS).
 METHOD_FLAGS = {
     "lora": {"LORA_RANK": "4"},
@@ -246,8 +248,7 @@ def main() -> None:
       "variants": variants,
       "seconds": round(time.time() - started, 1),
   }
-  with open(f"{args.output}.json", "w") as f:
-    json.dump(results, f, indent=2)
+  paths.write_json(f"{args.output}.json", results)
   print(format_table(results))
   plot_accuracy_vs_params(results, f"{args.output}.png")
   if ablation:
@@ -277,8 +278,7 @@ def add_modes(results: dict, methods: list[str], work: str, args) -> None:
       "command": " ".join(["python", "benchmarks/embedded_protocol.py", *sys.argv[1:]]),
       "commit": commit, "machine": common.machine(), **modes,
       "seconds": round(time.time() - started, 1)}
-  with open(f"{args.output}.json", "w") as f:
-    json.dump(results, f, indent=2)
+  paths.write_json(f"{args.output}.json", results)
   protocol_modes.report(results["modes"], f"{args.output}_modes")
 
 

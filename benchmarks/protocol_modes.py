@@ -71,8 +71,13 @@ class Job(NamedTuple):
   def folder(self, work_dir: str) -> str:
     setting = (f"_router_lr{self.router_learning_rate:g}" if self.router_learning_rate is not None
                else "") + (f"_top{self.arrow_top_k}" if self.mode == "arrow" else "")
-    return os.path.join(work_dir, f"replicate{self.replicate}", self.split, self.method,
+    return os.path.join(replicate_dir(work_dir, self.replicate), self.split, self.method,
                         f"{self.mode}{setting}", f"k{self.shots}")
+
+
+def replicate_dir(work_dir: str, replicate: int) -> str:
+  """Where a replicate's backbone, pretrained exports and adaptation runs go."""
+  return os.path.join(work_dir, f"replicate{replicate}")
 
 
 _WORKER: dict = {}  # per process: the registered suite and each replicate's loaded backbone
@@ -89,10 +94,6 @@ def _setup(stage: Stage):
   return _WORKER["config"], _WORKER["heldout"]
 
 
-def _replicate_dir(stage: Stage, replicate: int) -> str:
-  return os.path.join(stage.work_dir, f"replicate{replicate}")
-
-
 def _seeded(train, replicate: int):
   return dataclasses.replace(train, seed=replicate)
 
@@ -105,7 +106,7 @@ def prepare(stage: Stage, replicate: int) -> dict:
   from tensorpoly_jax.t5.model import preset
 
   config, heldout = _setup(stage)
-  root = _replicate_dir(stage, replicate)
+  root = replicate_dir(stage.work_dir, replicate)
   pipeline.train_backbone(os.path.join(root, "backbone"), preset("tiny"), tasks.EMBEDDED_TRAIN,
                           _seeded(config.train_config("backbone"), replicate))
   backbone = _backbone(stage, replicate)
@@ -125,7 +126,7 @@ def _backbone(stage: Stage, replicate: int):
   backbones = _WORKER["backbones"]
   if replicate not in backbones:
     backbones[replicate] = pipeline.load_backbone(
-        os.path.join(_replicate_dir(stage, replicate), "backbone", "backbone"))
+        os.path.join(replicate_dir(stage.work_dir, replicate), "backbone", "backbone"))
   return backbones[replicate]
 
 
@@ -139,7 +140,7 @@ def run_job(stage: Stage, job: Job) -> dict:
   if job.router_learning_rate is not None:
     train = dataclasses.replace(train, optimizer=dataclasses.replace(
         train.optimizer, router_learning_rate=job.router_learning_rate))
-  adapter_dir = os.path.join(_replicate_dir(stage, job.replicate), job.method, "adapter")
+  adapter_dir = os.path.join(replicate_dir(stage.work_dir, job.replicate), job.method, "adapter")
   arrow = {"arrow_top_k": job.arrow_top_k} if job.mode == "arrow" else {}
   result = pipeline.adapt_heldout(
       job.folder(stage.work_dir), _backbone(stage, job.replicate), adapter_dir, heldout,
@@ -165,14 +166,10 @@ def report_jobs(stage: Stage, config, settings: dict[tuple[str, str], dict]) -> 
   every k of ``stage.shots``."""
   from tensorpoly_jax import adaptation
 
-  jobs = []
-  for replicate in stage.replicates:
-    for method, settings_of in config.methods.items():
-      for mode in adaptation.MODES if settings_of.adapter.routed else ("full",):
-        for k in stage.shots if adaptation.trains(mode) else (0,):
-          jobs.append(Job(replicate, REPORT_SPLIT, method, mode, k,
-                          **settings.get((method, mode), {})))
-  return jobs
+  return [Job(replicate, REPORT_SPLIT, method, mode, k, **settings.get((method, mode), {}))
+          for replicate in stage.replicates for method, method_settings in config.methods.items()
+          for mode, k in routing_modes.adaptation_runs(method_settings.adapter.routed,
+                                                       adaptation.MODES, stage.shots)]
 
 
 def mean_of_medians(accuracy: dict[str, dict[str, float]]) -> float:
@@ -260,9 +257,6 @@ def run(stage: Stage, jobs: int) -> dict:
     print("modes: report (test)", flush=True)
     reported = _run_all(pool, stage, report_jobs(stage, config, settings))
   rows = pooled_rows(reported)
-  alone = routing_modes.cells({f"replicate{r}/{task}": {"0": value}
-                               for r, accuracy in backbone_alone.items()
-                               for task, value in accuracy.items()})
   return {
       "replicates": list(stage.replicates), "shots": list(stage.shots),
       "seeds": list(config.seeds), "demo_shots": config.shots,
@@ -273,7 +267,8 @@ def run(stage: Stage, jobs: int) -> dict:
                     for job, result in selected.items()],
       "chosen_settings": [{"method": m, "mode": mode, **s} for (m, mode), s in settings.items()],
       "backbone_alone": {"accuracy": {str(r): a for r, a in backbone_alone.items()},
-                         "mean": float(alone.mean())},
+                         "mean": statistics.fmean(value for accuracy in backbone_alone.values()
+                                                  for value in accuracy.values())},
       "bootstrap_samples": routing_modes.BOOTSTRAP_SAMPLES,
       "rows": rows, "differences": routing_modes.differences(rows, config.shots),
       "method_differences": routing_modes.method_differences(rows)}

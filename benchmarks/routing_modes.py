@@ -77,29 +77,37 @@ def targets_length(heldout: list[str], at_least: int) -> int:
                           for choice in row["answer_choices"])])
 
 
+def adaptation_runs(routed: bool, modes, shots) -> list[tuple[str, int]]:
+  """``(mode, k)`` of each adaptation a method gets: every mode of ``modes`` if it is routed, else
+  ``full`` only; the trained modes at every k of ``shots``, the zero-shot ones once, at k = 0."""
+  from tensorpoly_jax import adaptation
+
+  return [(mode, k) for mode in (modes if routed else ["full"])
+          for k in (shots if adaptation.trains(mode) else [0])]
+
+
 def run_grid(args, config, heldout: list[str], length: int) -> list[dict]:
-  from tensorpoly_jax import adaptation, pipeline
+  from tensorpoly_jax import pipeline
 
   backbone = pipeline.load_backbone(os.path.join(args.demo_dir, "backbone", "backbone"))
   rows = []
   for method, settings in config.methods.items():
     adapter_dir = os.path.join(args.demo_dir, method, "adapter")
     train = dataclasses.replace(config.train_config("adapt", method), targets_length=length)
-    for mode in args.modes if settings.adapter.routed else ["full"]:
-      for k in (args.shots if adaptation.trains(mode) else [0]):
-        started = time.time()
-        result = pipeline.adapt_heldout(
-            os.path.join(args.work_dir, method, mode, f"k{k}"), backbone, adapter_dir, heldout,
-            k or None, config.seeds, train, eval_split=config.eval_split, mode=mode,
-            arrow_top_k=args.arrow_top_k)
-        values = cells(result.accuracy)
-        rows.append({"method": method, "mode": mode, "shots": k, "accuracy": result.accuracy,
-                     "mean": float(values.mean()), "interval": bootstrap_interval(values),
-                     "adaptation_params": result.adaptation_params,
-                     "unfinished": result.unfinished, "seconds": round(time.time() - started, 1)})
-        print(f"{method} {mode} k={k}: {100 * values.mean():.1f}"
-              f" [{100 * rows[-1]['interval'][0]:.1f}, {100 * rows[-1]['interval'][1]:.1f}]",
-              flush=True)
+    for mode, k in adaptation_runs(settings.adapter.routed, args.modes, args.shots):
+      started = time.time()
+      result = pipeline.adapt_heldout(
+          os.path.join(args.work_dir, method, mode, f"k{k}"), backbone, adapter_dir, heldout,
+          k or None, config.seeds, train, eval_split=config.eval_split, mode=mode,
+          arrow_top_k=args.arrow_top_k)
+      values = cells(result.accuracy)
+      rows.append({"method": method, "mode": mode, "shots": k, "accuracy": result.accuracy,
+                   "mean": float(values.mean()), "interval": bootstrap_interval(values),
+                   "adaptation_params": result.adaptation_params,
+                   "unfinished": result.unfinished, "seconds": round(time.time() - started, 1)})
+      print(f"{method} {mode} k={k}: {100 * values.mean():.1f}"
+            f" [{100 * rows[-1]['interval'][0]:.1f}, {100 * rows[-1]['interval'][1]:.1f}]",
+            flush=True)
   return rows
 
 
