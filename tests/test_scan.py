@@ -1,5 +1,7 @@
 """Scanned layers (one nn.scan per stack, params stacked on ``layers``) compute what the per-layer
 model computes, and params move between the two layouts wherever they are stored."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,9 +11,9 @@ from jax.sharding import PartitionSpec as P
 
 from tensorpoly_jax import checkpoints, partitioning, pipeline
 from tensorpoly_jax.adapters import LoRAConfig, MHRConfig, TensorPolyIIConfig
-from tensorpoly_jax.t5 import convert, layout
+from tensorpoly_jax.t5 import convert, layers, layout, stack_factors
 from tensorpoly_jax.t5.model import EncoderDecoder, RunOptions, abstract_variables, preset
-from tests.small_adapters import random_adapter, random_model_params
+from tests.small_adapters import random_adapter, random_model_params, small_adapter
 
 ADAPTERS = [LoRAConfig(lora_rank=2),
             MHRConfig(lora_rank=2, n_tasks=3, n_skills=4, n_splits=2),
@@ -25,12 +27,17 @@ def _batch():
   return inputs, targets, jnp.array([0, 2, 1])
 
 
-def _loss_and_grads(model, params, inputs, targets, task_ids):
+def _loss(model, inputs, targets, task_ids):
   def loss(p):
     logits = model.apply({"params": p}, inputs, targets, targets, enable_dropout=False,
                          task_ids=task_ids)
     return -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1).mean()
 
+  return loss
+
+
+def _loss_and_grads(model, params, inputs, targets, task_ids):
+  loss = _loss(model, inputs, targets, task_ids)
   return jax.jit(jax.value_and_grad(loss))(params)  # one compile, not one per eager op
 
 
@@ -56,22 +63,89 @@ def test_scanned_model_equals_per_layer_model(adapter, remat):
                                err_msg="/".join(path))
 
 
-def _casts_to(dtype, jaxpr, in_scan=False):
-  """``(operand shape, inside a scan body)`` of every float32 -> ``dtype`` conversion."""
+def _equations(jaxpr, in_scan=False):
+  """``(equation, inside a scan body)`` for every equation of ``jaxpr`` and its sub-jaxprs."""
   for eqn in jaxpr.eqns:
-    if (eqn.primitive.name == "convert_element_type" and eqn.params["new_dtype"] == dtype
-        and eqn.invars[0].aval.dtype == jnp.float32):
-      yield eqn.invars[0].aval.shape, in_scan
+    yield eqn, in_scan
     for value in eqn.params.values():
       for sub in value if isinstance(value, (list, tuple)) else (value,):
         sub = getattr(sub, "jaxpr", sub)
         if hasattr(sub, "eqns"):
-          yield from _casts_to(dtype, sub, in_scan or eqn.primitive.name == "scan")
+          yield from _equations(sub, in_scan or eqn.primitive.name == "scan")
+
+
+def _casts_to(dtype, jaxpr):
+  """``(operand shape, inside a scan body)`` of every float32 -> ``dtype`` conversion."""
+  for eqn, in_scan in _equations(jaxpr):
+    if (eqn.primitive.name == "convert_element_type" and eqn.params["new_dtype"] == dtype
+        and eqn.invars[0].aval.dtype == jnp.float32):
+      yield eqn.invars[0].aval.shape, in_scan
+
+
+@pytest.mark.parametrize("method,scan_layers", [
+    ("tlora", False), ("poly", True), ("tensorpoly_ii", False)], ids=str)
+def test_factors_built_before_the_blocks_equal_each_layers_own(method, scan_layers):
+  """The stack's one vectorized build of every layer's factors (the default) against each
+  adapted layer building its own inside its block: same loss and gradients, and the routers run
+  once per adapted projection for all layers, outside the scanned body."""
+  inputs, targets, task_ids = _batch()
+  config = preset("tiny", adapter=small_adapter(method), scan_layers=scan_layers,
+                  remat="full" if scan_layers else "none")
+  params = random_model_params(config.replace(scan_layers=False))
+  params = layout.stack_layers(params) if scan_layers else params
+
+  def step(model):
+    """``((loss, grads), (sigmoids inside a scan body, outside))`` of one traced step."""
+    traced = jax.jit(jax.value_and_grad(_loss(model, inputs, targets, task_ids))).trace(params)
+    routers = [in_scan for eqn, in_scan in _equations(traced.jaxpr.jaxpr)
+               if eqn.primitive.name == "logistic"]
+    return traced.lower().compile()(params), (routers.count(True), routers.count(False))
+
+  (loss, grads), (hoisted_in_scan, hoisted_outside) = step(EncoderDecoder(config))
+  (expected_loss, expected_grads), in_blocks = step(
+      EncoderDecoder(config.replace(hoist_factors=False)))
+  np.testing.assert_allclose(loss, expected_loss, rtol=1e-6)
+  expected_grads = traverse_util.flatten_dict(expected_grads)
+  for path, grad in traverse_util.flatten_dict(grads).items():
+    np.testing.assert_allclose(grad, expected_grads[path],
+                               atol=1e-5 * np.abs(expected_grads[path]).max() + 1e-12,
+                               err_msg="/".join(path))
+  if method == "tlora":  # no router
+    return
+  assert hoisted_in_scan == 0 and hoisted_outside > 0
+  if not scan_layers:  # every projection's router once for all its layers, not once per layer
+    assert hoisted_outside * config.num_encoder_layers == sum(in_blocks)
+
+
+def test_routers_sample_per_layer_when_factors_are_built_before_the_blocks():
+  inputs, targets, task_ids = _batch()
+  config = preset("tiny", adapter=small_adapter("poly", relaxed_bernoulli=True))
+  model, params = EncoderDecoder(config), random_model_params(config)
+
+  @functools.partial(jax.jit, static_argnums=1)
+  def logits(seed, enable_dropout=True):
+    return model.apply({"params": params}, inputs, targets, targets, enable_dropout=enable_dropout,
+                       task_ids=task_ids, rngs={"routing": jax.random.PRNGKey(seed)})
+
+  np.testing.assert_array_equal(logits(0), logits(0))
+  assert not np.allclose(logits(0), logits(1))
+  np.testing.assert_array_equal(logits(0, False), logits(1, False))  # sigmoid weights in eval
+  # Two layers with the same params: equal factors in eval, each its own sample in training.
+  layer = params["encoder"]["layers_0"]
+  build = jax.jit(functools.partial(stack_factors.per_layer, config.adapter, jnp.float32,
+                                    [layer, layer], layers.Routing(task_ids)),
+                  static_argnames="deterministic")
+  first, second = build(deterministic=True)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, first, second)
+  first, second = build(deterministic=False, routing_rng=jax.random.PRNGKey(0))
+  factor = lambda built: built["mlp"]["wo"]["adapter"]["lora_a"]
+  assert factor(first).shape == (3, config.mlp_dim, 2)
+  assert not np.allclose(factor(first), factor(second))
 
 
 def test_scanned_lora_factors_are_cast_to_bf16_once_for_all_layers():
   inputs, targets, task_ids = _batch()
-  config = preset("tiny", adapter=ADAPTERS[1], dtype=jnp.bfloat16)
+  config = preset("tiny", adapter=ADAPTERS[0], dtype=jnp.bfloat16)
   scanned = EncoderDecoder(config.replace(scan_layers=True, remat="full"))
   stacked = layout.stack_layers(random_model_params(config))
   is_factor = lambda path: path[-1] in ("lora_a", "lora_b")

@@ -21,6 +21,10 @@ from tensorpoly_jax import arrow
 from tensorpoly_jax import entangle as ent
 from tensorpoly_jax.routing import Router
 
+# The collection a model puts an adapter's factors in when it builds them before the layer runs
+# (``tensorpoly_jax.t5.stack_factors``); the adapter reads them from it instead of building them.
+FACTORS = "adapter_factors"
+
 # kaiming_uniform(a=sqrt(5)) as in torch.nn.Linear / the reference LoRA init.
 LORA_GAIN = math.sqrt(2.0 / (1.0 + 5.0))
 
@@ -55,12 +59,15 @@ def low_rank_delta(x: jnp.ndarray, lora_a: jnp.ndarray, lora_b: jnp.ndarray) -> 
 class Adapter(nn.Module):
   """Fields shared by every adapter; ``in_axis``/``out_axis`` are the frozen kernel's axis names.
 
-  Subclasses implement ``factors(d_in, task_ids, routing_weights, deterministic) -> (A, B)``.
+  Subclasses implement ``factors(d_in, task_ids, routing_weights, deterministic) -> (A, B)``;
+  where the collection ``FACTORS`` holds ``lora_a``/``lora_b`` (built by the model for every
+  layer at once), the adapter uses those instead.
   ``decode``: the factors are built once, for the batch's tasks, on the call that creates the
   ``cache`` collection, and read from it at every later decoding step (``caches_factors``).
   """
 
-  # Off where the factors are the params themselves (LoRA): a cached copy would cost memory only.
+  # Off where the factors are the params themselves (LoRA): a cached or prebuilt copy would cost
+  # memory only.
   caches_factors: ClassVar[bool] = True
 
   features: int
@@ -79,7 +86,9 @@ class Adapter(nn.Module):
   def __call__(self, x, task_ids=None, *, routing_weights=None, deterministic=True, decode=False):
     ent.check_positive(features=self.features, lora_rank=self.lora_rank)
     tokens = self._flatten_tokens(x)
-    if decode and self.caches_factors:
+    if self.has_variable(FACTORS, "lora_a"):
+      lora_a, lora_b = self.get_variable(FACTORS, "lora_a"), self.get_variable(FACTORS, "lora_b")
+    elif decode and self.caches_factors:
       lora_a, lora_b = self._decoding_factors(tokens, task_ids, routing_weights)
     else:
       lora_a, lora_b = self.factors(tokens.shape[-1], task_ids, routing_weights, deterministic)

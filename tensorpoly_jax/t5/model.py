@@ -17,10 +17,11 @@ from flax.core import unfreeze
 from flax.linen import partitioning as nn_partitioning
 
 from tensorpoly_jax import field_types
+from tensorpoly_jax.adapters.base import FACTORS
 from tensorpoly_jax.methods import AdapterConfig
 from tensorpoly_jax.param_roles import is_adapter_path, param_role
 from tensorpoly_jax.routing import ROUTING_RNG, Router
-from tensorpoly_jax.t5 import layers
+from tensorpoly_jax.t5 import layers, stack_factors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,9 @@ class T5Config:
   dtype: Any = jnp.float32
   remat: str = "none"  # "none", "full" (recompute each block) or "dots" (save matmul outputs)
   scan_layers: bool = False  # one nn.scan over each stack's blocks, params stacked on "layers"
+  # Each stack builds every adapted layer's factors before its blocks, one vectorized pass per
+  # adapted projection (``stack_factors``); False: each layer builds its own inside its block.
+  hoist_factors: bool = True
   adapter: AdapterConfig | None = None
 
   def __post_init__(self):
@@ -210,13 +214,43 @@ def _lora_in_compute_dtype(dtype):
   return cast
 
 
+def _built_factors(stack: nn.Module, num_layers: int, routing: layers.Routing,
+                   deterministic: bool, decode: bool = False):
+  """The adapters' factors of every block of ``stack`` (an ``Encoder`` or ``Decoder``), built
+  before the blocks run (``stack_factors``): stacked on the layers axis when scanned, else one
+  ``FACTORS`` collection per block. ``None`` where the blocks build their own: initializing
+  (the params do not exist yet), decoding (the factors are cached), ``hoist_factors`` off, or no
+  adapter whose factors are built."""
+  cfg = stack.config
+  if cfg.adapter is None or not cfg.hoist_factors or decode or stack.is_initializing():
+    return None
+  samples = (getattr(cfg.adapter, "relaxed_bernoulli", False) and not deterministic
+             and routing.weights is None)
+  routing_rng = stack.make_rng(ROUTING_RNG) if samples else None
+  params = stack.variables["params"]
+  build = dict(routing=routing, deterministic=deterministic, routing_rng=routing_rng,
+               rematerialize=cfg.remat != "none")
+  if cfg.scan_layers:
+    return stack_factors.stacked(cfg.adapter, cfg.dtype, params["layers"], **build) or None
+  factors = stack_factors.per_layer(
+      cfg.adapter, cfg.dtype, [params[f"layers_{index}"] for index in range(num_layers)], **build)
+  return factors if any(factors) else None
+
+
+def _reading(block_cls, factors: dict):
+  """``block_cls`` whose adapters read ``factors`` (the ``FACTORS`` collection) instead of
+  building theirs."""
+  return nn.map_variables(block_cls, FACTORS, lambda variables: {**variables, FACTORS: factors})
+
+
 def _run_blocks(block_cls, cfg: T5Config, num_layers: int, deterministic: bool, x, shared,
-                initializing: bool, **block_fields):
+                initializing: bool, factors=None, **block_fields):
   """Applies ``num_layers`` blocks to ``x``; ``shared()`` gives the other inputs every block
   takes. As modules ``layers_0..`` or, with ``scan_layers``, as one scanned module ``layers``
   whose params (and decoding cache) carry a leading ``layers`` axis (T5X's ``scan_layers``
-  layout). ``block_fields`` are the blocks' own fields beyond the config; ``initializing``: the
-  calling module's ``is_initializing()``."""
+  layout). ``factors``: the adapters' factors built before the blocks (``_built_factors``);
+  ``block_fields`` are the blocks' own fields beyond the config; ``initializing``: the calling
+  module's ``is_initializing()``."""
   decode = block_fields.get("decode", False)
   if cfg.remat != "none" and not decode:
     # Under scan, the loop already keeps XLA from merging recomputation into the forward pass.
@@ -224,19 +258,24 @@ def _run_blocks(block_cls, cfg: T5Config, num_layers: int, deterministic: bool, 
                          prevent_cse=not cfg.scan_layers)
   if not cfg.scan_layers:
     for index in range(num_layers):
+      block = block_cls if not factors or not factors[index] else _reading(block_cls,
+                                                                           factors[index])
       # shared() per block: its bias lookup's gradient then sums per layer in the same order as
       # T5X's per-layer T5 (and this project's results before scan), bit for bit.
-      x = block_cls(cfg, deterministic, **block_fields, name=f"layers_{index}")(x, *shared())
+      x = block(cfg, deterministic, **block_fields, name=f"layers_{index}")(x, *shared())
     return x
   inputs = shared()
   collections = ("params", "cache") if decode else ("params",)
+  variable_axes = dict.fromkeys(collections + ((FACTORS,) if factors else ()), 0)
   scanned = nn_partitioning.scan_with_axes(
-      block_cls, variable_axes=dict.fromkeys(collections, 0),
+      block_cls, variable_axes=variable_axes,
       split_rngs={"params": True, "dropout": True, ROUTING_RNG: True},
       in_axes=(nn.broadcast,) * len(inputs), length=num_layers, axis_name="layers",
       axes_collections=collections)
   if not initializing:
     scanned = nn.map_variables(scanned, "params", _lora_in_compute_dtype(cfg.dtype))
+  if factors:
+    scanned = _reading(scanned, factors)
   x, _ = scanned(cfg, deterministic, **block_fields, name="layers")(x, *inputs)
   return x
 
@@ -253,7 +292,8 @@ class Encoder(nn.Module):
     length = x.shape[-2]
     x = _run_blocks(EncoderLayer, cfg, cfg.num_encoder_layers, deterministic, x,
                     lambda: (relpos(length, length, True), encoder_mask, routing),
-                    self.is_initializing())
+                    self.is_initializing(),
+                    _built_factors(self, cfg.num_encoder_layers, routing, deterministic))
     x = layers.LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="encoder_norm")(x)
     return _dropout(cfg, x, deterministic)
 
@@ -273,6 +313,7 @@ class Decoder(nn.Module):
     y = _run_blocks(DecoderLayer, cfg, cfg.num_decoder_layers, deterministic, y,
                     lambda: (encoded, relpos(length, length, False), decoder_mask,
                              encoder_decoder_mask, routing), self.is_initializing(),
+                    _built_factors(self, cfg.num_decoder_layers, routing, deterministic, decode),
                     decode=decode, cache_length=length)
     y = layers.LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="decoder_norm")(y)
     y = _dropout(cfg, y, deterministic)
@@ -381,7 +422,7 @@ def merge_params(adapter, backbone) -> dict:
 
 
 # Run options, not architecture: a checkpoint neither records nor imposes them.
-RUN_FIELDS = ("adapter", "dtype", "remat", "dropout_rate")
+RUN_FIELDS = ("adapter", "dtype", "remat", "dropout_rate", "hoist_factors")
 
 
 def describe(config: T5Config) -> str:
