@@ -15,12 +15,15 @@ FlopCounterMode (matmuls only). Each compiled JAX step's kernels (HLO ops and fu
 ``hlo_counts``) are counted next to the frozen step's: on a GPU each is a launch. Where ours costs
 more than 1.3x its frozen step or more than PEFT, one more (warm) step is traced with jax.profiler
 and summarized by HLO op group (adapter or backbone, forward or backward).
+``--in_block_factors`` adds, for every method whose factors are built, a row ``<method>/in-block``
+whose adapted layers build their own factors inside their blocks (``hoist_factors=False``): the
+baseline of the stacks' one vectorized build, timed in the same rounds.
 ``--backbone_dtype bfloat16`` stores the frozen backbone in bf16 (the T0 recipe's converted
 checkpoint); PyTorch has no separate storage dtype, so PEFT's whole model, adapters included, is
 then cast to bf16 and computes in it.
 
   python benchmarks/train_step.py [--quick] [--preset t5_1_1_large --dtype bfloat16]
-      [--backbone_dtype bfloat16] [--no-peft] [--batch 8] [--no-profile]
+      [--backbone_dtype bfloat16] [--no-peft] [--batch 8] [--no-profile] [--in_block_factors]
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ SIZES = {
     "quick": dict(preset="tiny", batch=8, inputs=32, targets=8, repeats=2),
 }
 SLOWDOWN_TO_PROFILE = 1.3
+IN_BLOCK = "/in-block"
 
 
 def _batch(size, vocab):
@@ -72,12 +76,18 @@ def run_ours(size: dict, dtype: str, peft_seconds: dict, backbone_dtype: str):
       stored_copies[id(leaf)] = leaf.astype(backbone_dtype)
     return stored_copies[id(leaf)]
 
+  # Slowest compiles first (tensor adapters, reversed below), so none starts last.
+  names = ("frozen", *size["methods"],
+           *(method + IN_BLOCK for method in size["methods"] if size["in_block_factors"]
+             and method != "lora"))
+
   def configs():
     backbone = None
-    # Slowest compiles first (tensor adapters), so none starts last.
-    for name in (*reversed(size["methods"]), "frozen"):
-      adapter = None if name == "frozen" else common.paper_adapter(name, N_TASKS)
-      model = EncoderDecoder(preset(size["preset"], adapter=adapter, dtype=dtype_named(dtype)))
+    for name in reversed(names):
+      method = name.removesuffix(IN_BLOCK)
+      adapter = None if method == "frozen" else common.paper_adapter(method, N_TASKS)
+      model = EncoderDecoder(preset(size["preset"], adapter=adapter, dtype=dtype_named(dtype),
+                                    hoist_factors=not name.endswith(IN_BLOCK)))
       params = common.random_params(model, backbone=backbone)
       backbone = backbone or params
       step, state, frozen = common.train_step(model, params)
@@ -87,7 +97,6 @@ def run_ours(size: dict, dtype: str, peft_seconds: dict, backbone_dtype: str):
       yield name, step, state, frozen, batch
 
   steps = common.compile_steps(configs())
-  names = ("frozen", *size["methods"])
   timings = common.interleaved_seconds({name: steps[name].run for name in names},
                                        size["repeats"])
   for name in names:
@@ -183,6 +192,7 @@ def spawn(spec: str, args, methods, peft_seconds: dict) -> list[dict]:
              "--backbone_dtype", args.backbone_dtype,
              "--preset", args.preset or "", *(["--batch", str(args.batch)] if args.batch else []),
              *(["--no-profile"] if args.no_profile else []), "--methods", ",".join(methods),
+             *(["--in_block_factors"] if args.in_block_factors else []),
              "--peft-seconds", json.dumps(peft_seconds), *(["--quick"] if args.quick else [])]
   done = subprocess.run(command, capture_output=True, text=True, check=False)
   lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -204,6 +214,8 @@ def main():
                       help="never trace a step with jax.profiler (it only explains a slow one)")
   parser.add_argument("--methods", default=",".join(METHODS),
                       help="comma-separated subset of the methods (the frozen step always runs)")
+  parser.add_argument("--in_block_factors", action="store_true",
+                      help="add each built method's step with its factors built inside the blocks")
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--peft-seconds", default="{}", help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -213,6 +225,7 @@ def main():
   if args.batch:
     size["batch"] = args.batch
   size["profile"] = not args.no_profile
+  size["in_block_factors"] = args.in_block_factors
   methods = [m for m in args.methods.split(",") if m]
   unknown = sorted(set(methods) - set(METHODS))
   if unknown:

@@ -25,9 +25,15 @@ def run_benchmark(monkeypatch, capsys):
 
 
 def test_train_step_against_frozen_and_peft(run_benchmark, tmp_path):
-  result, stdout = run_benchmark("train_step.py", tmp_path / "train_step.json", "--methods", "poly")
+  result, stdout = run_benchmark("train_step.py", tmp_path / "train_step.json", "--methods", "poly",
+                                 "--in_block_factors")
   rows = {(r["framework"], r["method"]): r for r in result["rows"]}
-  assert set(rows) == {("ours", "frozen"), ("ours", "poly"), ("peft", "frozen"), ("peft", "poly")}
+  assert set(rows) == {("ours", "frozen"), ("ours", "poly"), ("ours", "poly/in-block"),
+                       ("peft", "frozen"), ("peft", "poly")}
+  # The baseline builds each layer's factors in its block: the same params, more kernels.
+  in_block = rows["ours", "poly/in-block"]
+  assert in_block["trainable_params"] == rows["ours", "poly"]["trainable_params"]
+  assert in_block["hlo_fusions"] > rows["ours", "poly"]["hlo_fusions"]
   assert rows["ours", "frozen"]["x_frozen"] == 1.0
   assert rows["ours", "poly"]["ours_over_peft"] > 0
   # Same adapter size as PEFT's Poly on the same targets (router rows included).

@@ -101,6 +101,8 @@ def per_layer(adapter: AdapterConfig, dtype, layer_params: list, routing, determ
     built = _build(adapter, dtype, root, adapter_params, kernel_shape, routing, deterministic,
                    _layer_keys(routing_rng, position, len(having)), rematerialize)
     for name, factor in (built or {}).items():
-      for slot, index in enumerate(having):
-        per_block[index][root + (name,)] = factor[slot]
+      # One split, whose gradient is one concatenation; indexing each layer would pad every
+      # layer's gradient to the stacked shape and sum them.
+      for index, layer_factor in zip(having, jnp.split(factor, len(having))):
+        per_block[index][root + (name,)] = layer_factor[0]
   return [traverse_util.unflatten_dict(flat) for flat in per_block]
